@@ -1,0 +1,234 @@
+"""
+The latent store written by extract_features.py, and the Dataset that trains from it.
+
+    from latents import LatentDataset, collate
+    ds = LatentDataset("features/imagenet256", seed=0)   # DiT's distribution: flip + posterior sample
+    loader = DataLoader(ds, batch_size=256, shuffle=True, collate_fn=collate, num_workers=4)
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        for x, y in loader: ...                           # x [B, C, H, W] float32, y [B] int64
+
+DiT encodes every training image online: a random horizontal flip, then one sample of the VAE
+posterior, freshly drawn each step. fast-DiT froze one flip and one sample per image. This store keeps
+the posterior's mean and standard deviation of both the image and its mirror image, so reading it
+draws from exactly DiT's distribution at memory-map speed.
+
+Store layout (one folder):
+    meta.json              everything about the store (see LatentDataset.meta); "complete" is true
+                           only once every shard is written
+    labels.npy             int64 [rows]: the class of every input file, in global (sorted) order
+    shard-00000.npy ...    [n, V, K, C, H, W] in meta["dtype"] for global rows
+                           [k * shard_size, (k + 1) * shard_size): V = 2 views (image, mirror image)
+                           or 1, K = 2 (posterior mean, std) or 1 (mean only: pixels, fast-DiT
+                           features). Values are the autoencoder's own (unscaled) latents.
+    shard-00000.json       progress of that shard: rows done, skipped files, statistics
+Rows of skipped (unreadable) files stay in the shard arrays, zero-filled, and are left out by the
+reader. Shards are fixed ranges of the global order, handed to processes round-robin, so the store
+does not depend on how many processes wrote it.
+"""
+import json
+import os
+import warnings
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+LABELS_FILE = "labels.npy"
+
+# How the horizontal flip is realised when reading (meta["flip"]).
+FLIP_ENCODED = "encoded"  # the mirror image was encoded too: view 1 of every row
+FLIP_EXACT = "exact"      # pixel space: mirroring the stored array is the mirror image
+FLIP_NONE = "none"        # no mirror available (fast-DiT features, where one flip is frozen in)
+
+
+def shard_name(k):
+    """File stem of shard k ("shard-00003")."""
+    return f"shard-{k:05d}"
+
+
+def write_json_atomic(path, obj):
+    """Write JSON so that readers (and a rerun after a kill) see the old or the new file, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def shard_statistics(arr, valid):
+    """
+    Sums for the per-channel statistics of one shard's valid rows, over all stored views.
+
+    :param arr: [n x V x K x C x H x W] shard array.
+    :param valid: [n] bool, rows that hold an image.
+    :return: dict of plain lists: n (samples counted), sum and sumsq of the means per channel,
+             sum of the variances (std**2) per channel, all in float64.
+    """
+    sel = arr[np.flatnonzero(valid)].astype(np.float64)  # (n', V, K, C, H, W)
+    mean = sel[:, :, 0]                                  # (n', V, C, H, W)
+    var = sel[:, :, 1] ** 2 if sel.shape[2] == 2 else np.zeros_like(mean)
+    pixels = mean.shape[0] * mean.shape[1] * mean.shape[3] * mean.shape[4]
+    return {
+        "n": int(pixels),
+        "sum": mean.sum(axis=(0, 1, 3, 4)).tolist(),
+        "sumsq": (mean ** 2).sum(axis=(0, 1, 3, 4)).tolist(),
+        "sumvar": var.sum(axis=(0, 1, 3, 4)).tolist(),
+    }
+
+
+def channel_moments(stats, scaling_factor):
+    """
+    Per-channel mean and standard deviation of the training inputs x = scaling_factor * (mean + std *
+    noise), combined from shard_statistics in a fixed (shard) order: Var x = Var(mean) + E[std^2].
+
+    :return: (channel_mean, channel_std) as lists of floats.
+    """
+    n = sum(s["n"] for s in stats)
+    if n == 0:
+        raise ValueError("no valid images: cannot compute channel statistics")
+    total = lambda key: np.sum([s[key] for s in stats], axis=0)  # noqa: E731
+    m = total("sum") / n
+    var = total("sumsq") / n - m ** 2 + total("sumvar") / n
+    return (scaling_factor * m).tolist(), (scaling_factor * np.sqrt(np.maximum(var, 0.0))).tolist()
+
+
+def _mix64(*keys):
+    """A 63-bit seed from integer keys (splitmix64 finaliser), so (seed, epoch, index) triples map to
+    unrelated torch generator seeds."""
+    h = 0x9E3779B97F4A7C15
+    mask = (1 << 64) - 1
+    for k in keys:
+        h = (h ^ (int(k) & mask)) * 0xBF58476D1CE4E5B9 & mask
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & mask
+        h ^= h >> 31
+    return h >> 1
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """
+    Training samples from a store written by extract_features.py.
+
+    Item i is (x, y): x a float32 [C x H x W] tensor already multiplied by meta["scaling_factor"]
+    (pixels in [-1, 1] for a `--vae none` store), y the int64 label (a 0-d tensor).
+
+    :param path: the store folder.
+    :param flip: draw a random horizontal flip per access (DiT's RandomHorizontalFlip). False: the
+                 original orientation. Stores without a mirror (fast-DiT conversions) warn and use
+                 the stored orientation.
+    :param sample_posterior: draw mean + std * noise per access (DiT's latent_dist.sample()).
+                 False: the posterior mean.
+    :param seed: None: flips and noise from torch's default generator (per DataLoader worker). An
+                 int: item i of epoch e (see set_epoch) uses a generator seeded from (seed, e, i),
+                 so samples do not depend on workers, batching or process count, and a resumed run
+                 sees exactly the samples an uninterrupted one would.
+
+    Batches: `__getitems__(indices)` reads a whole batch in one vectorised read and returns
+    (x [B x C x H x W], y [B]); give the DataLoader `collate_fn=latents.collate`. The memory maps
+    are opened lazily in each process, so DataLoader workers work (fork or spawn).
+    """
+
+    def __init__(self, path, flip=True, sample_posterior=True, seed=None):
+        meta_path = os.path.join(path, META_FILE)
+        if not os.path.isfile(meta_path):
+            if any(d.endswith("_features") for d in _listdir(path)):
+                raise FileNotFoundError(
+                    f"{path} looks like fast-DiT feature folders; convert them into a store first: "
+                    f"python extract_features.py --fast-dit-path {path} --features-path STORE "
+                    f"--image-size 256 --vae ema")
+            raise FileNotFoundError(f"{path} is not a latent store (no {META_FILE}); "
+                                    f"make one with extract_features.py")
+        self.path = path
+        self.meta = read_json(meta_path)
+        if not self.meta.get("complete"):
+            raise ValueError(f"{path} is an unfinished extraction: rerun the same extract_features.py "
+                             f"command to complete it")
+        if self.meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{path}: store format {self.meta.get('format')}, this code reads "
+                             f"{FORMAT_VERSION}")
+        if flip and self.meta["flip"] == FLIP_NONE:
+            warnings.warn(f"{path} holds no mirror images (converted fast-DiT features): flip=True "
+                          f"has no effect, the stored orientation is used", stacklevel=2)
+        self.flip = bool(flip) and self.meta["flip"] != FLIP_NONE
+        self.sample_posterior = bool(sample_posterior) and self.meta["posterior"]
+        self.seed = seed
+        self.epoch = 0
+        self.scaling_factor = float(self.meta["scaling_factor"])
+        self.shard_size = int(self.meta["shard_size"])
+        skipped = np.asarray(self.meta["skipped_indices"], dtype=np.int64)
+        # Dataset index -> global row, leaving out skipped files.
+        self.rows = np.setdiff1d(np.arange(self.meta["rows"], dtype=np.int64), skipped)
+        self.labels = np.load(os.path.join(path, LABELS_FILE))[self.rows]
+        assert len(self.rows) == self.meta["count"]
+        self._shards = None  # memory maps, opened on first read in each process
+
+    def __len__(self):
+        return len(self.rows)
+
+    def set_epoch(self, epoch):
+        """Select the epoch whose flips and noise a seeded dataset draws (no effect when seed is None)."""
+        self.epoch = int(epoch)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_shards"] = None  # memory maps are reopened in the worker, not pickled
+        return state
+
+    def _open(self):
+        self._shards = [np.load(os.path.join(self.path, s["file"]), mmap_mode="r")
+                        for s in self.meta["shards"]]
+
+    def __getitem__(self, i):
+        x, y = self.__getitems__([i])
+        return x[0], y[0]
+
+    def __getitems__(self, indices):
+        if self._shards is None:
+            self._open()
+        idx = np.asarray(indices, dtype=np.int64)
+        b = len(idx)
+        if self.seed is None:
+            flips = torch.randint(0, 2, (b,)).numpy().astype(bool) if self.flip else np.zeros(b, bool)
+            gens = None
+        else:
+            gens = [torch.Generator().manual_seed(_mix64(self.seed, self.epoch, i)) for i in idx]
+            flips = np.array([bool(torch.randint(0, 2, (1,), generator=g)) for g in gens]) \
+                if self.flip else np.zeros(b, bool)
+        encoded_view = flips.astype(np.int64) if self.meta["flip"] == FLIP_ENCODED else np.zeros(b, np.int64)
+        k = 2 if self.sample_posterior else 1  # read the std only when it is used
+        rows = self.rows[idx]
+        order = np.argsort(rows, kind="stable")  # ascending rows: sequential-ish reads per shard
+        out = np.empty((b, k) + tuple(self.meta["latent_shape"]), dtype=self.meta["dtype"])
+        shard_of = rows // self.shard_size
+        for s in np.unique(shard_of):
+            pos = order[shard_of[order] == s]
+            out[pos] = self._shards[s][rows[pos] - s * self.shard_size, encoded_view[pos], :k]
+        data = torch.from_numpy(out).float()  # (B, k, C, H, W)
+        x = data[:, 0]
+        if self.sample_posterior:
+            if gens is None:
+                noise = torch.randn(x.shape)
+            else:
+                noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
+            x = x + data[:, 1] * noise
+        if self.meta["flip"] == FLIP_EXACT and flips.any():
+            f = torch.from_numpy(flips)
+            x[f] = x[f].flip(-1)
+        x = x * self.scaling_factor if self.scaling_factor != 1.0 else x
+        return x.contiguous(), torch.from_numpy(self.labels[idx])
+
+
+def collate(batch):
+    """DataLoader collate_fn for LatentDataset: batches come already stacked from __getitems__."""
+    return batch
+
+
+def _listdir(path):
+    return os.listdir(path) if os.path.isdir(path) else []
