@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny autoencoder saved like a hub model, and a tiny ImageFolder with the awkward
+inputs ImageNet has (grayscale, CMYK, RGBA, palette, odd sizes) plus files that cannot be read."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Downsampling factor of TINY_VAE_CONFIG: 2 ** (len(block_out_channels) - 1).
+TINY_VAE_DOWN = 2
+TINY_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+    sample_size=16,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_path(tmp_path_factory):
+    """A randomly initialised 2x-downsampling AutoencoderKL written with save_pretrained (loads offline
+    through vae.load_vae like a hub model would)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    # Random init gives a near-constant log-variance; spread it so stored stds differ per position.
+    with torch.no_grad():
+        vae.quant_conv.bias[4:] = torch.linspace(-3, 1, 4)
+    path = tmp_path_factory.mktemp("tiny_vae")
+    vae.save_pretrained(path)
+    return str(path)
+
+
+def _image(rng, mode, size):
+    arr = rng.integers(0, 256, size=(size[1], size[0], 4), dtype=np.uint8)
+    return Image.fromarray(arr, "RGBA").convert(mode)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """Three classes ("ant" 4 images, "bee" 4 incl. a corrupt and a truncated file, "cat" 3); returns
+    (root, list of the relative paths that must be skipped)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("images")
+    specs = {
+        "ant": [("a0.jpg", "RGB", (40, 30)), ("a1.png", "L", (20, 52)), ("a2.png", "RGBA", (64, 64)),
+                ("a3.jpeg", "CMYK", (33, 35))],
+        "bee": [("b0.png", "P", (18, 17)), ("b1.JPEG", "RGB", (100, 40)), ("b2.bmp", "RGB", (16, 16))],
+        "cat": [("c0.png", "LA", (24, 30)), ("c1.jpg", "L", (50, 61)), ("c2.webp", "RGB", (31, 47))],
+    }
+    for cls, items in specs.items():
+        os.makedirs(root / cls)
+        for name, mode, size in items:
+            img = _image(rng, mode, size)
+            img.save(root / cls / name, quality=95) if name.lower().endswith(("jpg", "jpeg")) \
+                else img.save(root / cls / name)
+    (root / "bee" / "broken.jpg").write_bytes(b"this is not an image" * 10)
+    full = (root / "ant" / "a0.jpg").read_bytes()
+    (root / "bee" / "cut.jpg").write_bytes(full[: len(full) // 2])
+    (root / "cat" / "notes.txt").write_text("not an image extension: ignored by ImageFolder")
+    return str(root), ["bee/broken.jpg", "bee/cut.jpg"]
