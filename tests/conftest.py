@@ -64,3 +64,23 @@ def image_folder(tmp_path_factory):
     (root / "bee" / "cut.jpg").write_bytes(full[: len(full) // 2])
     (root / "cat" / "notes.txt").write_text("not an image extension: ignored by ImageFolder")
     return str(root), ["bee/broken.jpg", "bee/cut.jpg"]
+
+
+def extract_args(**overrides):
+    """extract_features.py's arguments as the parser gives them, for calling main() in-process."""
+    import argparse
+
+    args = dict(data_path=None, fast_dit_path=None, features_path=None, image_size=16, vae="ema",
+                dtype="float16", batch_size=3, num_workers=0, shard_size=4)
+    args.update(overrides)
+    return argparse.Namespace(**args)
+
+
+@pytest.fixture(scope="session")
+def latent_store(tmp_path_factory, tiny_vae_path, image_folder):
+    """A finished store of image_folder through the tiny VAE at 16x16 (latents 4x8x8), 3 shards."""
+    import extract_features
+
+    path = str(tmp_path_factory.mktemp("stores") / "tiny16")
+    extract_features.main(extract_args(data_path=image_folder[0], features_path=path, vae=tiny_vae_path))
+    return path
