@@ -37,8 +37,9 @@ def tiny_vae_path(tmp_path_factory):
 
 
 def _image(rng, mode, size):
-    arr = rng.integers(0, 256, size=(size[1], size[0], 4), dtype=np.uint8)
-    return Image.fromarray(arr, "RGBA").convert(mode)
+    channels = 4 if "A" in mode else 3
+    arr = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    return Image.fromarray(arr, "RGBA" if channels == 4 else "RGB").convert(mode)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,119 @@
+"""latents.LatentDataset: DiT's sampling distribution, seeded reproducibility, DataLoader use, and
+reading fast-DiT features through a converted store."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import extract_features
+import latents
+from conftest import extract_args
+
+SF = 0.18215
+
+
+def stored(path):
+    """(mean, std) float32 [rows, V, C, H, W] straight from the shard files."""
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    rows = np.concatenate([np.load(os.path.join(path, s["file"])) for s in meta["shards"]])
+    return rows[:, :, 0].astype(np.float32), rows[:, :, 1].astype(np.float32)
+
+
+def test_deterministic_views_are_scaled_means(latent_store):
+    mean, _ = stored(latent_store)
+    ds = latents.LatentDataset(latent_store, flip=False, sample_posterior=False)
+    x, y = ds.__getitems__(list(range(len(ds))))
+    assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape == (10, 4, 8, 8)
+    np.testing.assert_allclose(x.numpy(), SF * mean[ds.rows, 0], rtol=1e-6)
+    xi, yi = ds[4]
+    assert torch.equal(xi, x[4]) and yi.shape == () and yi == y[4]
+
+
+def test_flip_picks_the_encoded_mirror(latent_store):
+    mean, _ = stored(latent_store)
+    ds = latents.LatentDataset(latent_store, flip=True, sample_posterior=False)
+    x, _ = ds.__getitems__([2] * 64)
+    orig, mirror = SF * mean[ds.rows[2], 0], SF * mean[ds.rows[2], 1]
+    is_orig = [np.allclose(a, orig, rtol=1e-6) for a in x.numpy()]
+    is_mirror = [np.allclose(a, mirror, rtol=1e-6) for a in x.numpy()]
+    assert all(o != m for o, m in zip(is_orig, is_mirror))
+    assert 16 < sum(is_mirror) < 48  # a fair coin, 64 throws
+
+
+def test_posterior_samples_have_the_stored_mean_and_std(latent_store):
+    mean, std = stored(latent_store)
+    ds = latents.LatentDataset(latent_store, flip=False)
+    torch.manual_seed(0)
+    x, _ = ds.__getitems__([5] * 4000)
+    m, s = SF * mean[ds.rows[5], 0], SF * std[ds.rows[5], 0]
+    assert s.min() > 0 and not np.allclose(s, s.flat[0])
+    z = (x.numpy() - m) / s  # standard normal if x = sf * (mean + std * noise)
+    assert np.abs(z.mean(0)).max() < 0.08 and np.abs(z.std(0) - 1).max() < 0.08
+
+
+def test_seeded_items_do_not_depend_on_batching(latent_store):
+    ds = latents.LatentDataset(latent_store, seed=7)
+    batch, _ = ds.__getitems__([3, 0, 9, 3])
+    assert torch.equal(batch[0], batch[3])
+    assert torch.equal(ds[9][0], batch[2]) and torch.equal(ds[0][0], batch[1])
+    again = latents.LatentDataset(latent_store, seed=7)
+    assert torch.equal(again.__getitems__([9, 3])[0], batch[[2, 0]])
+    again.set_epoch(1)
+    assert not torch.equal(again[3][0], batch[0])
+    assert not torch.equal(latents.LatentDataset(latent_store, seed=8)[3][0], batch[0])
+
+
+def test_dataloader_with_workers(latent_store):
+    ds = latents.LatentDataset(latent_store, seed=1)
+    ds[0]  # memory maps opened in this process must not be pickled to the workers
+    loader = DataLoader(ds, batch_size=4, shuffle=False, num_workers=2, collate_fn=latents.collate)
+    xs, ys = zip(*loader)
+    assert [len(y) for y in ys] == [4, 4, 2]
+    assert torch.equal(torch.cat(xs), ds.__getitems__(list(range(10)))[0])
+    assert torch.cat(ys).tolist() == ds.labels.tolist()
+
+
+def test_unfinished_or_foreign_folders_are_refused(tmp_path, latent_store):
+    with pytest.raises(FileNotFoundError, match="not a latent store"):
+        latents.LatentDataset(str(tmp_path))
+    meta = json.load(open(os.path.join(latent_store, "meta.json")))
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "meta.json").write_text(json.dumps(dict(meta, complete=False)))
+    with pytest.raises(ValueError, match="unfinished"):
+        latents.LatentDataset(str(part))
+
+
+def write_fast_dit(path, n=12, shape=(4, 8, 8)):
+    """Feature folders laid out as fast-DiT's extract_features.py writes them: one file per image,
+    named by step, [1, C, H, W] latents already scaled by 0.18215, [1] labels."""
+    rng = np.random.default_rng(0)
+    feats, labels = path / "imagenet16_features", path / "imagenet16_labels"
+    feats.mkdir(parents=True)
+    labels.mkdir()
+    x = rng.standard_normal((n, *shape)).astype(np.float32)
+    y = rng.integers(0, 5, n)
+    for i in range(n):
+        # A few files without the batch dimension, which readers of such folders also meet.
+        np.save(feats / f"{i}.npy", x[i] if i % 5 == 0 else x[i][None])
+        np.save(labels / f"{i}.npy", np.array([y[i]]))
+    return x, y
+
+
+def test_fast_dit_features_convert_to_a_store(tmp_path):
+    x, y = write_fast_dit(tmp_path / "fast")
+    with pytest.raises(FileNotFoundError, match="--fast-dit-path"):
+        latents.LatentDataset(str(tmp_path / "fast"))
+    store = str(tmp_path / "store")
+    meta = extract_features.main(extract_args(fast_dit_path=str(tmp_path / "fast"), features_path=store,
+                                              vae="ema"))
+    assert meta["count"] == 12 and meta["flip"] == latents.FLIP_NONE and meta["vae"] == "ema"
+    assert meta["scaling_factor"] == SF and meta["latent_shape"] == [4, 8, 8]
+    with pytest.warns(UserWarning, match="no mirror"):
+        ds = latents.LatentDataset(store)
+    got, labels = ds.__getitems__(list(range(12)))  # files 0..11 in numeric order, 10 after 9
+    np.testing.assert_allclose(got.numpy(), x, rtol=1e-3, atol=1e-3)  # float16 storage
+    assert labels.tolist() == y.tolist() and meta["num_classes"] == int(y.max()) + 1
