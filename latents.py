@@ -210,19 +210,22 @@ class LatentDataset(torch.utils.data.Dataset):
         for s in np.unique(shard_of):
             pos = order[shard_of[order] == s]
             out[pos] = self._shards[s][rows[pos] - s * self.shard_size, encoded_view[pos], :k]
-        data = torch.from_numpy(out).float()  # (B, k, C, H, W)
-        x = data[:, 0]
+        data = torch.from_numpy(out).float()  # (B, k, C, H, W), a fresh tensor
+        x = data[:, 0]                         # (B, C, H, W) posterior means
         if self.sample_posterior:
             if gens is None:
                 noise = torch.randn(x.shape)
             else:
                 noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
-            x = x + data[:, 1] * noise
+            x = torch.addcmul(x, data[:, 1], noise)  # mean + std * noise, as latent_dist.sample()
+        else:
+            x = x.contiguous()
         if self.meta["flip"] == FLIP_EXACT and flips.any():
             f = torch.from_numpy(flips)
             x[f] = x[f].flip(-1)
-        x = x * self.scaling_factor if self.scaling_factor != 1.0 else x
-        return x.contiguous(), torch.from_numpy(self.labels[idx])
+        if self.scaling_factor != 1.0:
+            x.mul_(self.scaling_factor)
+        return x, torch.from_numpy(self.labels[idx])
 
 
 def collate(batch):
