@@ -244,9 +244,11 @@ def build_model(spec, ckpt, vae, device):
     """
     in_channels, input_size = latent_geometry(spec, vae)
     try:
-        model = DiT_models[spec.model](input_size=input_size, in_channels=in_channels,
-                                       num_classes=spec.num_classes, learn_sigma=spec.learn_sigma,
-                                       class_dropout_prob=spec.class_dropout_prob)
+        # On the meta device: no memory and no random initialisation, the checkpoint supplies every value.
+        with torch.device("meta"):
+            model = DiT_models[spec.model](input_size=input_size, in_channels=in_channels,
+                                           num_classes=spec.num_classes, learn_sigma=spec.learn_sigma,
+                                           class_dropout_prob=spec.class_dropout_prob)
     except ValueError as e:
         raise CheckpointError(f"cannot build {spec.model} for {input_size}x{input_size} inputs: {e}") from e
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -259,14 +261,14 @@ def build_model(spec, ckpt, vae, device):
         for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
             if keys:
                 problems.append(f"{len(keys)} {what} (e.g. {keys[0]}"
-                                + (f": {found[keys[0]]} vs {expected[keys[0]]})" if what == "wrong shape" else ")"))
+                                + (f": checkpoint {found[keys[0]]}, model {expected[keys[0]]})" if what == "wrong shape" else ")"))
         held = _describe(ckpt.state_dict)
         raise CheckpointError(
             f"{ckpt.path} does not fit {spec.model} for {in_channels}-channel {input_size}x{input_size} inputs "
             f"with {spec.num_classes} classes: {'; '.join(problems)}."
             + (f" The checkpoint holds {held}." if held else ""))
-    model.load_state_dict(ckpt.state_dict, strict=True)
-    return model.to(device).eval().requires_grad_(False)
+    model.load_state_dict(ckpt.state_dict, strict=True, assign=True)
+    return model.to(device, torch.float32).eval().requires_grad_(False)
 
 
 #################################################################################

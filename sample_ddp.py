@@ -1,0 +1,168 @@
+"""
+Sample many images in parallel for FID/IS/precision/recall with ADM's evaluation suite.
+
+    torchrun --nproc_per_node=8 sample_ddp.py --model DiT-XL/2 --num-fid-samples 50000
+    accelerate launch --num_processes 8 sample_ddp.py --sampler dpm-solver --num-sampling-steps 20
+    python sample_ddp.py --ckpt results/000-DiT-S-2/checkpoints/0100000.pt --num-fid-samples 1000
+
+Defaults are DiT's FID settings (released DiT-XL/2 256x256, cfg 1.5, 250 DDPM steps). Each image
+is written as <sample-dir>/<run name>/NNNNNN.png, then all are packed into <run name>.npz: `arr_0`
+(uint8, N x H x W x 3, what ADM's evaluator reads) and `labels` (int64, N). Image i has its own
+noise and class label drawn from (--global-seed, i), so the images depend neither on the number of
+processes nor on the batch size. A killed run, rerun with the same command, keeps the finished PNGs
+and samples the rest. NCCL on GPUs, gloo on CPUs.
+"""
+import argparse
+import json
+import math
+import os
+import time
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from PIL import Image
+from tqdm.auto import tqdm
+
+from sampling import (CheckpointError, DownloadError, ImageNoise, add_sampling_args, build_model,
+                      check_sampling_args, latent_geometry, load_checkpoint, random_labels, resolve_spec,
+                      sample_latents, to_uint8)
+from vae import VAEError, decode, load_vae, scaling_factor
+
+
+def run_name(args, spec):
+    """A folder name showing the settings that change the pixels (all of them are in settings.json)."""
+    ckpt = os.path.splitext(os.path.basename(args.ckpt))[0]
+    vae = os.path.basename(os.path.normpath(spec.vae))
+    name = (f"{spec.model.replace('/', '-')}-{ckpt}-size-{spec.image_size}-vae-{vae}-cfg-{args.cfg_scale}"
+            f"-{args.sampler}-{args.num_sampling_steps}-seed-{args.global_seed}")
+    if args.cfg_scale != 1.0 and args.guidance != "dit":
+        name += f"-guidance-{args.guidance}"
+    if args.cfg_scale != 1.0 and args.guidance_interval is not None:
+        name += "-interval-{:g}-{:g}".format(*args.guidance_interval)
+    return name
+
+
+def write_npz(path, png_paths, labels):
+    """
+    Pack the PNGs into an .npz one image at a time (50k 512x512 images are 39 GB as one array):
+    `arr_0` [N x H x W x 3] uint8 and `labels` [N] int64, written to a temporary file then renamed.
+    """
+    first = np.asarray(Image.open(png_paths[0]))
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (len(png_paths), *first.shape)}
+    tmp = path + ".tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for p in png_paths:
+                image = np.asarray(Image.open(p))
+                assert image.shape == first.shape and image.dtype == np.uint8, (p, image.shape, image.dtype)
+                f.write(image.tobytes())
+        with zf.open("labels.npy", "w") as f:
+            np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+    os.replace(tmp, path)
+
+
+def main(args):
+    state = PartialState(cpu=not torch.cuda.is_available())
+    device, rank, world = state.device, state.process_index, state.num_processes
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.set_grad_enabled(False)
+
+    if args.ckpt is None:
+        if args.model not in (None, "DiT-XL/2"):
+            raise CheckpointError(f"only DiT-XL/2 has released checkpoints: --model {args.model} needs --ckpt")
+        args.ckpt = f"DiT-XL-2-{args.image_size or 256}x{args.image_size or 256}.pt"
+    with state.main_process_first():  # one process downloads the checkpoint and autoencoder, the rest wait
+        ckpt = load_checkpoint(args.ckpt)
+        spec = resolve_spec(ckpt, args.model, args.image_size, args.vae, args.num_classes)
+        vae = load_vae(spec.vae, device)
+    model = build_model(spec, ckpt, vae, device)
+    channels, size = latent_geometry(spec, vae)
+    scale = spec.scaling_factor if spec.scaling_factor is not None else scaling_factor(vae)
+
+    folder = os.path.join(args.sample_dir, run_name(args, spec))
+    settings = dict(ckpt=os.path.abspath(ckpt.path), model=spec.model, image_size=spec.image_size, vae=spec.vae,
+                    num_classes=spec.num_classes, scaling_factor=scale, sampler=args.sampler,
+                    num_sampling_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale, guidance=args.guidance,
+                    guidance_interval=args.guidance_interval, global_seed=args.global_seed)
+    settings_path = os.path.join(folder, "settings.json")
+    if state.is_main_process:
+        os.makedirs(folder, exist_ok=True)
+        if not os.path.exists(settings_path):
+            with open(settings_path, "w") as f:
+                json.dump(settings, f, indent=2)
+        for name in os.listdir(folder):  # half-written images of a killed run
+            if name.endswith(".png.tmp"):
+                os.remove(os.path.join(folder, name))
+    state.wait_for_everyone()
+    with open(settings_path) as f:
+        previous = json.load(f)
+    if previous != json.loads(json.dumps(settings)):
+        changed = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
+        raise CheckpointError(f"{folder} holds samples made with other settings ({', '.join(changed)}); "
+                              f"use another --sample-dir or remove it")
+
+    def png(i):
+        return os.path.join(folder, f"{i:06d}.png")
+
+    missing = [i for i in range(args.num_fid_samples) if not os.path.exists(png(i))]
+    state.wait_for_everyone()  # everyone has listed the folder before anyone adds to it
+    mine = missing[rank::world]
+    iterations = math.ceil(math.ceil(len(missing) / world) / args.per_proc_batch_size)
+    if state.is_main_process:
+        print(f"{args.num_fid_samples - len(missing)} of {args.num_fid_samples} images already in {folder}; "
+              f"sampling {len(missing)} on {world} process(es)")
+    bar = tqdm(total=len(missing), unit="img", disable=not state.is_main_process)
+    start = time.time()
+    for k in range(iterations):  # the same count on every rank, for the collective below
+        batch = mine[k * args.per_proc_batch_size:(k + 1) * args.per_proc_batch_size]
+        if batch:
+            y = random_labels(args.global_seed, batch, spec.num_classes).to(device)
+            noise = ImageNoise(args.global_seed, batch, (channels, size, size), device)
+            samples = sample_latents(model, noise, y, args.sampler, args.num_sampling_steps, args.cfg_scale,
+                                     args.guidance, args.guidance_interval)
+            for i, image in zip(batch, to_uint8(decode(vae, samples, scale))):
+                Image.fromarray(image).save(png(i) + ".tmp", format="PNG")
+                os.replace(png(i) + ".tmp", png(i))  # a PNG under its final name is always complete
+        done = torch.tensor(len(batch), device=device)
+        if world > 1:
+            dist.all_reduce(done)
+        bar.update(int(done))
+    bar.close()
+    state.wait_for_everyone()
+
+    if state.is_main_process:
+        seconds = time.time() - start
+        if missing:
+            print(f"sampled {len(missing)} images in {seconds:.1f} s: {len(missing) / seconds:.2f} images/s")
+        npz = folder + ".npz"
+        labels = random_labels(args.global_seed, range(args.num_fid_samples), spec.num_classes)
+        write_npz(npz, [png(i) for i in range(args.num_fid_samples)], labels.numpy())
+        print(f"wrote {npz}: arr_0 {args.num_fid_samples}x{spec.image_size}x{spec.image_size}x3 uint8, labels")
+    state.wait_for_everyone()
+    state.destroy_process_group()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    add_sampling_args(parser, cfg_scale=1.5)
+    parser.add_argument("--sample-dir", default="samples")
+    parser.add_argument("--per-proc-batch-size", type=int, default=32)
+    parser.add_argument("--num-fid-samples", type=int, default=50_000)
+    parser.add_argument("--global-seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.global_seed < 0 or args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
+        parser.error("--global-seed must be >= 0, --per-proc-batch-size and --num-fid-samples >= 1")
+    try:
+        check_sampling_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        main(args)
+    except (CheckpointError, DownloadError, VAEError) as e:
+        parser.error(str(e))

@@ -1,0 +1,375 @@
+"""sampling.py, sample.py, sample_ddp.py and diffusion/dpm_solver.py on tiny models (CPU, no network)."""
+import argparse
+import http.server
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import sampling
+from diffusion import create_diffusion
+from diffusion.dpm_solver import DPMSolver, Spacing, solver_timesteps
+from models import DiT, DiT_models, Guidance
+from sampling import CheckpointError, DownloadError, ImageNoise, Sampler
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(ROOT, "..", "shared", "golden")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)  # 2 shared cores: no thread oversubscription
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomize(model, seed=0):
+    """Replace every weight by small noise: at its adaLN-Zero init a DiT predicts exactly zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def tiny_dit(in_channels=4, input_size=8, num_classes=10):
+    return randomize(DiT(input_size=input_size, patch_size=2, in_channels=in_channels, hidden_size=64, depth=2,
+                         num_heads=4, num_classes=num_classes))
+
+
+def small_state_dict(in_channels=3, num_classes=10, seed=0):
+    """A named model (DiT-S/8) on 16x16 inputs: 4 tokens, fast enough for the scripts' tests."""
+    return randomize(DiT_models["DiT-S/8"](input_size=16, in_channels=in_channels, num_classes=num_classes),
+                     seed).state_dict()
+
+
+def train_checkpoint(path, ema, vae="none", image_size=16, in_channels=3, input_size=16, scaling_factor=1.0):
+    """A checkpoint in train.py's format (the team contract's keys), with `model` != `ema`."""
+    torch.save(dict(
+        model={k: v + 1 for k, v in ema.items()}, ema=ema, opt={}, step=100,
+        model_config=dict(model="DiT-S/8", input_size=input_size, in_channels=in_channels, num_classes=10,
+                          learn_sigma=True, class_dropout_prob=0.1),
+        latents=dict(vae=vae, scaling_factor=scaling_factor, image_size=image_size,
+                     latent_shape=[in_channels, input_size, input_size], num_classes=10),
+        train_config=dict(global_batch_size=4)), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def plain_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "plain.pt"
+    torch.save(small_state_dict(), path)
+    return str(path)
+
+
+#################################################################################
+#                               Checkpoint loading                              #
+#################################################################################
+
+
+class _Server(http.server.BaseHTTPRequestHandler):
+    """Serves FILES under /good/<name>; under /cut/<name> announces the full size but sends half."""
+
+    files = {}
+
+    def do_GET(self):
+        mode, name = self.path.strip("/").split("/")
+        data = self.files[name]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data if mode == "good" else data[: len(data) // 2])
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Server)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def released_like(size):
+    """A file with the exact keys and shapes of the released DiT-XL/2 checkpoint (from the golden key
+    manifest); each tensor is one value broadcast, so the 2.7 GB model is a few KB on disk."""
+    with open(os.path.join(GOLDEN, f"DiT-XL-2-{size}x{size}.keys.json")) as f:
+        shapes = json.load(f)
+    state = {k: torch.full((), zlib.crc32(k.encode()) % 97 / 97.0).expand(shape) for k, shape in shapes.items()}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def geometry_vae(down=8):
+    """An AutoencoderKL with the SD autoencoders' geometry (4 latent channels, 8x down) and tiny widths."""
+    from diffusers import AutoencoderKL
+
+    n = int(np.log2(down)) + 1
+    return AutoencoderKL(block_out_channels=(4,) * n, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, latent_channels=4, norm_num_groups=2,
+                         layers_per_block=1)
+
+
+def test_download_interrupted_then_complete_and_strict_released_load(server, tmp_path, monkeypatch):
+    name = "DiT-XL-2-256x256.pt"
+    _Server.files = {name: released_like(256)}
+    dest = tmp_path / "pretrained_models"
+    with pytest.raises(DownloadError, match="256x256"):
+        sampling.load_checkpoint(name, dest_dir=str(dest), base_url=server + "/cut")
+    assert os.listdir(dest) == []  # nothing half-written is left, under any name
+    monkeypatch.setenv(sampling.DOWNLOAD_URL_ENV, server + "/good")  # the override the docs mention
+    ckpt = sampling.load_checkpoint(name, dest_dir=str(dest))
+    assert os.listdir(dest) == [name] and (dest / name).read_bytes() == _Server.files[name]
+    monkeypatch.setenv(sampling.DOWNLOAD_URL_ENV, server + "/cut")  # present now: no second download
+    assert sampling.load_checkpoint(name, dest_dir=str(dest)).kind == "released"
+
+    spec = sampling.resolve_spec(ckpt)
+    assert (spec.model, spec.image_size, spec.num_classes) == ("DiT-XL/2", 256, 1000)
+    model = sampling.build_model(spec, ckpt, geometry_vae(), "cpu")
+    assert sum(p.numel() for p in model.parameters()) == 675_129_632
+    assert torch.equal(model.state_dict()["final_layer.linear.bias"], ckpt.state_dict["final_layer.linear.bias"])
+    with pytest.raises(CheckpointError, match="--image-size 512 contradicts .*image size 256"):
+        sampling.resolve_spec(ckpt, image_size=512)
+
+
+def test_released_512_checkpoint_against_256_model_is_a_clear_error(tmp_path):
+    path = tmp_path / "weights.pt"  # a plain state_dict: the flags (here the defaults) decide the model
+    path.write_bytes(released_like(512))
+    ckpt = sampling.load_checkpoint(str(path))
+    assert ckpt.kind == "state_dict"
+    with pytest.raises(CheckpointError, match=r"pos_embed: checkpoint \(1, 1024, 1152\), model \(1, 256, 1152\)"
+                                              r".*holds DiT-XL/2 for 4-channel 64x64 inputs"):
+        sampling.build_model(sampling.resolve_spec(ckpt), ckpt, geometry_vae(), "cpu")
+
+
+def test_train_checkpoint_uses_ema_and_its_config(tmp_path):
+    ema = small_state_dict()
+    ckpt = sampling.load_checkpoint(train_checkpoint(tmp_path / "0000100.pt", ema))
+    spec = sampling.resolve_spec(ckpt)
+    assert (ckpt.kind, spec.model, spec.image_size, spec.vae, spec.num_classes) == ("train", "DiT-S/8", 16, "none", 10)
+    model = sampling.build_model(spec, ckpt, None, "cpu")
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    assert sampling.resolve_spec(ckpt, model="DiT-S/8", image_size=16, vae="none").model == "DiT-S/8"
+    for flags, message in [(dict(model="DiT-B/8"), "--model DiT-B/8 contradicts .* model DiT-S/8"),
+                           (dict(image_size=32), "--image-size 32 contradicts .* image size 16"),
+                           (dict(vae="ema"), "--vae ema contradicts .* vae none"),
+                           (dict(num_classes=1000), "--num-classes 1000 contradicts .* num classes 10")]:
+        with pytest.raises(CheckpointError, match=message):
+            sampling.resolve_spec(ckpt, **flags)
+
+
+def test_vae_presets_decode_each_other():
+    ckpt = sampling.Checkpoint("x.pt", {}, "train", dict(vae="stabilityai/sd-vae-ft-ema"))
+    assert sampling.resolve_spec(ckpt, vae="mse").vae == "mse"  # same encoder, other decoder: allowed
+    with pytest.raises(CheckpointError, match="--vae some/other contradicts"):
+        sampling.resolve_spec(ckpt, vae="some/other")
+
+
+def test_dit_train_format_with_namespace(tmp_path):
+    ema = small_state_dict()
+    path = tmp_path / "0050000.pt"
+    torch.save(dict(model=ema, ema=ema, opt={}, args=argparse.Namespace(model="DiT-S/8", image_size=16,
+                                                                        num_classes=10, vae="ema")), path)
+    ckpt = sampling.load_checkpoint(str(path))
+    assert ckpt.kind == "dit-train" and ckpt.config == dict(model="DiT-S/8", image_size=16, num_classes=10, vae="ema")
+    with pytest.raises(CheckpointError, match="--model DiT-XL/2 contradicts"):
+        sampling.resolve_spec(ckpt, model="DiT-XL/2")
+
+
+def test_wrong_model_and_missing_file_are_clear_errors(plain_ckpt, tmp_path):
+    ckpt = sampling.load_checkpoint(plain_ckpt)
+    spec = sampling.resolve_spec(ckpt, model="DiT-B/8", image_size=16, vae="none", num_classes=10)
+    with pytest.raises(CheckpointError, match=r"does not fit DiT-B/8 .*holds DiT-S/8 for 3-channel 16x16 inputs"):
+        sampling.build_model(spec, ckpt, None, "cpu")
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        sampling.load_checkpoint(str(tmp_path / "nope.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        sampling.load_checkpoint(str(tmp_path / "junk.pt"))
+
+
+#################################################################################
+#                                    Samplers                                   #
+#################################################################################
+
+
+def _sample(model, sampler, steps, seed=0, cfg_scale=1.0, **kw):
+    y = torch.tensor([1, 2, 3])
+    noise = ImageNoise(seed, range(3), (model.in_channels, model.input_size, model.input_size), "cpu")
+    return sampling.sample_latents(model, noise, y, sampler, steps, cfg_scale, **kw)
+
+
+@pytest.mark.parametrize("sampler", list(Sampler))
+def test_samplers_are_reproducible_and_ddim_solver_deterministic(sampler):
+    model = tiny_dit()
+    a = _sample(model, sampler, 10, cfg_scale=4.0)
+    assert torch.equal(a, _sample(model, sampler, 10, cfg_scale=4.0)) and torch.isfinite(a).all()
+    assert not torch.allclose(a, _sample(model, sampler, 10, seed=1, cfg_scale=4.0))
+
+
+def test_images_do_not_depend_on_their_batch():
+    model = tiny_dit()
+    for sampler in Sampler:  # DDPM included: its per-step noise is per image as well
+        y = torch.tensor([5, 1, 2, 7])
+        full = sampling.sample_latents(model, ImageNoise(3, [10, 11, 12, 13], (4, 8, 8), "cpu"), y, sampler, 8, 1.5)
+        part = sampling.sample_latents(model, ImageNoise(3, [12], (4, 8, 8), "cpu"), y[2:3], sampler, 8, 1.5)
+        torch.testing.assert_close(part, full[2:3], rtol=1e-5, atol=1e-5)
+    labels = sampling.random_labels(0, range(50), 10)
+    assert torch.equal(labels[20:30], sampling.random_labels(0, range(20, 30), 10)) and len(set(labels.tolist())) > 5
+
+
+@pytest.mark.parametrize("guidance", list(Guidance))
+def test_guidance_at_scale_one_equals_no_guidance(guidance):
+    model = tiny_dit()
+    ac = create_diffusion("").alphas_cumprod
+    solver = DPMSolver(ac, solver_timesteps(ac, 6))
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 4, 9])
+    plain = solver.sample(model.forward, z, dict(y=y))
+    guided = solver.sample(model.forward_with_cfg, torch.cat([z, z]),
+                           dict(y=torch.cat([y, torch.full_like(y, 10)]), cfg_scale=1.0, guidance=guidance))
+    torch.testing.assert_close(guided[:3], plain, rtol=1e-5, atol=1e-5)
+    stronger = solver.sample(model.forward_with_cfg, torch.cat([z, z]),
+                             dict(y=torch.cat([y, torch.full_like(y, 10)]), cfg_scale=4.0, guidance=guidance))
+    assert (stronger[:3] - plain).abs().max() > 1e-3  # the comparison above can fail
+    # An interval that holds none of the sampled timesteps turns guidance off.
+    outside = _sample(model, Sampler.DPM_SOLVER, 6, cfg_scale=4.0, guidance=guidance, interval=(1000.0, 2000.0))
+    torch.testing.assert_close(outside, _sample(model, Sampler.DPM_SOLVER, 6), rtol=1e-5, atol=1e-5)
+
+
+def toy(x, t, y=None, **kw):
+    """The golden README's fixed learned-sigma denoiser."""
+    s = t.float().view(-1, 1, 1, 1) / 1000.0
+    return torch.cat([torch.sin(x + s), torch.tanh(0.5 * x - s)], dim=1)
+
+
+def test_first_order_solver_is_ddim():
+    diffusion = create_diffusion("ddim25")
+    ac = create_diffusion("").alphas_cumprod
+    noise = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ddim = diffusion.ddim_sample_loop(toy, noise.shape, noise=noise, clip_denoised=False, eta=0.0)
+    # DDIM ends with a jump from t=0 to x_0; the solver stops at t=0, so take that jump by hand.
+    times = np.asarray(diffusion.timestep_map, dtype=np.float64)[::-1]
+    x = DPMSolver(ac, times, order=1).sample(toy, noise)
+    t0 = torch.zeros(len(x))
+    x0 = (x - np.sqrt(1 - ac[0]) * toy(x, t0)[:, :4]) / np.sqrt(ac[0])
+    torch.testing.assert_close(x0, ddim, rtol=1e-5, atol=1e-5)
+
+
+def mixture_eps(ac, means=(-1.5, -0.2, 1.0), stds=(0.1, 0.3, 0.05)):
+    """The exact noise prediction for data drawn per pixel from an equal-weight 1-D Gaussian mixture."""
+    M, S = torch.tensor(means, dtype=torch.float64), torch.tensor(stds, dtype=torch.float64)
+
+    def eps(x, t, **kw):
+        a = torch.from_numpy(np.exp(0.5 * np.interp(t.double().numpy(), np.arange(len(ac)), np.log(ac))))
+        a = a.view(-1, 1, 1, 1, 1)
+        x = x.double().unsqueeze(-1)
+        sigma = (1 - a ** 2).sqrt()
+        var = a ** 2 * S ** 2 + sigma ** 2
+        w = (-0.5 * (x - a * M) ** 2 / var - 0.5 * var.log()).softmax(-1)  # posterior over components
+        e = (w * sigma * (x - a * M) / var).sum(-1)
+        return torch.cat([e, torch.zeros_like(e)], dim=1)
+    return eps
+
+
+def test_solver_converges_at_second_order_and_beats_ddim():
+    ac = create_diffusion("").alphas_cumprod
+    model = mixture_eps(ac)
+    z = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    reference = DPMSolver(ac, solver_timesteps(ac, 1000)).sample(model, z)
+
+    def error(steps, order=2, spacing=Spacing.LOGSNR):
+        return (DPMSolver(ac, solver_timesteps(ac, steps, spacing), order).sample(model, z) - reference).abs().mean()
+    e10, e20, e40 = error(10), error(20), error(40)
+    assert e20 < e10 / 3 and e40 < e20 / 3  # second order: about 4x less error per doubling
+    assert e20 < error(20, order=1) / 5  # first order (= DDIM) at the same cost is far worse
+    assert error(20, spacing=Spacing.TIME) < error(20, order=1, spacing=Spacing.TIME)
+    ts = solver_timesteps(ac, 20)
+    assert len(ts) == 21 and ts[0] == 999 and ts[-1] == 0 and np.all(np.diff(ts) < 0)
+
+
+#################################################################################
+#                                  The scripts                                  #
+#################################################################################
+
+
+def run(args, nproc=1, expect_ok=True, timeout=240):
+    """Run a script (under torchrun for nproc > 1, on a free port); on timeout kill it with its workers."""
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                   f"--nproc_per_node={nproc}"]
+    p = subprocess.Popen(launch + args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
+    if expect_ok:
+        assert p.returncode == 0, stdout + stderr
+    return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+
+
+DDP = ["sample_ddp.py", "--vae", "none", "--image-size", "16", "--model", "DiT-S/8", "--num-classes", "10",
+       "--num-fid-samples", "7", "--sampler", "dpm-solver", "--num-sampling-steps", "4", "--cfg-scale", "2.0"]
+
+
+def npz_of(sample_dir):
+    (name,) = [f for f in os.listdir(sample_dir) if f.endswith(".npz")]
+    with np.load(os.path.join(sample_dir, name)) as f:
+        return f["arr_0"], f["labels"]
+
+
+def test_sample_ddp_one_vs_two_processes_and_resume(plain_ckpt, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run(DDP + ["--ckpt", plain_ckpt, "--sample-dir", one, "--per-proc-batch-size", "3"])
+    p = run(DDP + ["--ckpt", plain_ckpt, "--sample-dir", two, "--per-proc-batch-size", "2"], nproc=2)
+    assert "images/s" in p.stdout
+    arr, labels = npz_of(one)
+    assert arr.shape == (7, 16, 16, 3) and arr.dtype == np.uint8 and arr.std() > 10
+    assert np.array_equal(labels, sampling.random_labels(0, range(7), 10).numpy())
+    arr2, labels2 = npz_of(two)
+    assert np.array_equal(arr, arr2) and np.array_equal(labels, labels2)
+
+    # A killed run: two images never finished, one was cut mid-write, the .npz was never made.
+    (folder,) = [os.path.join(one, d) for d in os.listdir(one) if os.path.isdir(os.path.join(one, d))]
+    os.remove(folder + ".npz")
+    for i in (2, 5):
+        os.remove(os.path.join(folder, f"{i:06d}.png"))
+    with open(os.path.join(folder, "000005.png.tmp"), "wb") as f:
+        f.write(b"\x89PNG half")
+    kept = {i: os.stat(os.path.join(folder, f"{i:06d}.png")).st_mtime_ns for i in (0, 1, 3, 4, 6)}
+    p = run(DDP + ["--ckpt", plain_ckpt, "--sample-dir", one, "--per-proc-batch-size", "3"])
+    assert "5 of 7 images already" in p.stdout
+    assert all(os.stat(os.path.join(folder, f"{i:06d}.png")).st_mtime_ns == m for i, m in kept.items())
+    assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
+    arr3, labels3 = npz_of(one)
+    assert np.array_equal(arr, arr3) and np.array_equal(labels, labels3)
+
+
+def test_sample_py_with_train_checkpoint_and_autoencoder(tiny_vae_path, tmp_path):
+    from PIL import Image
+
+    with open(os.path.join(tiny_vae_path, "config.json")) as f:
+        size = 16 * 2 ** (len(json.load(f)["block_out_channels"]) - 1)  # image side for 16x16 latents
+    ckpt = train_checkpoint(tmp_path / "0000100.pt", small_state_dict(in_channels=4), vae=tiny_vae_path,
+                            image_size=size, in_channels=4, input_size=16, scaling_factor=0.5)
+    out = str(tmp_path / "grid.png")
+    run(["sample.py", "--ckpt", ckpt, "--class-labels", "1", "2", "3", "4", "5", "--sampler", "ddim",
+         "--num-sampling-steps", "5", "--output", out])
+    assert Image.open(out).size == (4 * size + 5 * 2, 2 * size + 3 * 2)  # save_image's grid, padding 2
+    p = run(["sample.py", "--ckpt", ckpt, "--model", "DiT-B/8", "--output", out], expect_ok=False)
+    assert p.returncode == 2 and "--model DiT-B/8 contradicts" in p.stderr and "Traceback" not in p.stderr
