@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -307,16 +308,36 @@ def test_solver_converges_at_second_order_and_beats_ddim():
 #################################################################################
 
 
+def kill_tree(pid):
+    """SIGKILL a process and all its descendants (torchrun starts its workers in their own sessions,
+    so killing its process group would leave them running)."""
+    parents = {}
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                parents[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):  # not a process, or it just ended
+            pass
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [c for c, ppid in parents.items() if ppid in frontier]
+        tree += frontier
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run(args, nproc=1, expect_ok=True, timeout=240):
     """Run a script (under torchrun for nproc > 1, on a free port); on timeout kill it with its workers."""
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                    f"--nproc_per_node={nproc}"]
-    p = subprocess.Popen(launch + args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+    p = subprocess.Popen(launch + args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+        kill_tree(p.pid)
         raise
     if expect_ok:
         assert p.returncode == 0, stdout + stderr
@@ -324,7 +345,7 @@ def run(args, nproc=1, expect_ok=True, timeout=240):
 
 
 DDP = ["sample_ddp.py", "--vae", "none", "--image-size", "16", "--model", "DiT-S/8", "--num-classes", "10",
-       "--num-fid-samples", "7", "--sampler", "dpm-solver", "--num-sampling-steps", "4", "--cfg-scale", "2.0"]
+       "--num-fid-samples", "7", "--sampler", "dpm-solver", "--num-sampling-steps", "100", "--cfg-scale", "2.0"]
 
 
 def npz_of(sample_dir):
@@ -333,19 +354,43 @@ def npz_of(sample_dir):
         return f["arr_0"], f["labels"]
 
 
+def run_folder(sample_dir):
+    (folder,) = [os.path.join(sample_dir, d) for d in os.listdir(sample_dir)
+                 if os.path.isdir(os.path.join(sample_dir, d))]
+    return folder
+
+
+def pngs(folder):
+    return [f for f in os.listdir(folder) if f.endswith(".png")] if os.path.isdir(folder) else []
+
+
 def test_sample_ddp_one_vs_two_processes_and_resume(plain_ckpt, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run(DDP + ["--ckpt", plain_ckpt, "--sample-dir", one, "--per-proc-batch-size", "3"])
-    p = run(DDP + ["--ckpt", plain_ckpt, "--sample-dir", two, "--per-proc-batch-size", "2"], nproc=2)
-    assert "images/s" in p.stdout
     arr, labels = npz_of(one)
     assert arr.shape == (7, 16, 16, 3) and arr.dtype == np.uint8 and arr.std() > 10
     assert np.array_equal(labels, sampling.random_labels(0, range(7), 10).numpy())
+
+    # Two processes, killed (SIGKILL, with the launcher) once the first images are written...
+    args = DDP + ["--ckpt", plain_ckpt, "--sample-dir", two, "--per-proc-batch-size", "1"]
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+                         + args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder2 = os.path.join(two, os.path.basename(run_folder(one)))
+    deadline = time.time() + 120
+    while not pngs(folder2) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    kill_tree(p.pid)
+    p.wait()
+    done = len(pngs(folder2))
+    assert 0 < done < 7, f"{done} images when killed: the kill did not land mid-run"
+    # ... then rerun with another batch size: it keeps what was finished and gives the same .npz.
+    p = run(args[:-1] + ["2"], nproc=2)
+    assert f"{done} of 7 images already" in p.stdout and "images/s" in p.stdout
     arr2, labels2 = npz_of(two)
     assert np.array_equal(arr, arr2) and np.array_equal(labels, labels2)
 
-    # A killed run: two images never finished, one was cut mid-write, the .npz was never made.
-    (folder,) = [os.path.join(one, d) for d in os.listdir(one) if os.path.isdir(os.path.join(one, d))]
+    # A killed run seen from its files: two images missing, one cut mid-write, no .npz yet.
+    folder = run_folder(one)
     os.remove(folder + ".npz")
     for i in (2, 5):
         os.remove(os.path.join(folder, f"{i:06d}.png"))
