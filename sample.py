@@ -1,7 +1,7 @@
 """
 Sample a grid of images from a DiT and save it as a PNG.
 
-    python sample.py                                   # released DiT-XL/2 256x256, cfg 4.0, 250 DDPM steps
+    python sample.py                                   # released DiT-XL/2 256x256, cfg 4.0, 250 DDPM steps, mse
     python sample.py --image-size 512 --seed 1
     python sample.py --sampler dpm-solver --num-sampling-steps 20
     python sample.py --ckpt results/000-DiT-S-2/checkpoints/0100000.pt --class-labels 0 1 2 3
@@ -32,7 +32,7 @@ def main(args):
             raise CheckpointError(f"only DiT-XL/2 has released checkpoints: --model {args.model} needs --ckpt")
         args.ckpt = f"DiT-XL-2-{args.image_size or 256}x{args.image_size or 256}.pt"
     ckpt = load_checkpoint(args.ckpt)
-    spec = resolve_spec(ckpt, args.model, args.image_size, args.vae, args.num_classes)
+    spec = resolve_spec(ckpt, args.model, args.image_size, args.vae, args.num_classes, default_vae="mse")
     vae = load_vae(spec.vae, device)
     model = build_model(spec, ckpt, vae, device)
     bad = [c for c in args.class_labels if not 0 <= c < spec.num_classes]
@@ -55,7 +55,7 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    add_sampling_args(parser, cfg_scale=4.0)
+    add_sampling_args(parser, cfg_scale=4.0, vae="mse")
     parser.add_argument("--class-labels", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279],
                         help="one image per label (DiT's sample.py classes by default)")
     parser.add_argument("--seed", type=int, default=0)

@@ -5,7 +5,7 @@ Sample many images in parallel for FID/IS/precision/recall with ADM's evaluation
     accelerate launch --num_processes 8 sample_ddp.py --sampler dpm-solver --num-sampling-steps 20
     python sample_ddp.py --ckpt results/000-DiT-S-2/checkpoints/0100000.pt --num-fid-samples 1000
 
-Defaults are DiT's FID settings (released DiT-XL/2 256x256, cfg 1.5, 250 DDPM steps). Each image
+Defaults are DiT's FID settings (released DiT-XL/2 256x256, ema autoencoder, cfg 1.5, 250 DDPM steps). Each image
 is written as <sample-dir>/<run name>/NNNNNN.png, then all are packed into <run name>.npz: `arr_0`
 (uint8, N x H x W x 3, what ADM's evaluator reads) and `labels` (int64, N). Image i has its own
 noise and class label drawn from (--global-seed, i), so the images depend neither on the number of
@@ -150,7 +150,7 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    add_sampling_args(parser, cfg_scale=1.5)
+    add_sampling_args(parser, cfg_scale=1.5, vae="ema")
     parser.add_argument("--sample-dir", default="samples")
     parser.add_argument("--per-proc-batch-size", type=int, default=32)
     parser.add_argument("--num-fid-samples", type=int, default=50_000)

@@ -100,13 +100,14 @@ def download(name, dest_dir=PRETRAINED_DIR, base_url=None, timeout=60):
 
 @dataclasses.dataclass
 class Checkpoint:
-    """Weights to sample with, and what the file says about the model they belong to."""
+    """Weights to sample with, and what the file says about the model they belong to: `config` holds
+    whichever of model, input_size, in_channels, num_classes, learn_sigma, class_dropout_prob,
+    image_size, vae and scaling_factor the file fixes."""
 
     path: str
     state_dict: dict  # the EMA weights
     kind: str  # "released", "state_dict", "dit-train" (DiT's train.py) or "train" (ours)
-    config: dict  # what the file fixes: any of model, input_size, in_channels, num_classes,
-    #               learn_sigma, image_size, vae, scaling_factor
+    config: dict
 
 
 def load_checkpoint(spec, dest_dir=PRETRAINED_DIR, base_url=None):
@@ -172,15 +173,15 @@ def _same_vae(a, b):
     return a == b or {a, b} <= set(VAE_PRESETS.values())
 
 
-def resolve_spec(ckpt, model=None, image_size=None, vae=None, num_classes=None):
+def resolve_spec(ckpt, model=None, image_size=None, vae=None, num_classes=None, default_vae="ema"):
     """
     Combine what the checkpoint fixes with the command line. Flags left at None take the checkpoint's
-    value, else DiT's default (DiT-XL/2, 256, ema, 1000 classes).
+    value, else DiT's default (DiT-XL/2, 256, default_vae, 1000 classes).
 
     :raises CheckpointError: a flag contradicts the checkpoint (the message names both).
     """
     flags = dict(model=model, image_size=image_size, vae=vae, num_classes=num_classes)
-    defaults = dict(model="DiT-XL/2", image_size=256, vae="ema", num_classes=1000)
+    defaults = dict(model="DiT-XL/2", image_size=256, vae=default_vae, num_classes=1000)
     cli = dict(model="--model", image_size="--image-size", vae="--vae", num_classes="--num-classes")
     values = {}
     for key in flags:
@@ -312,8 +313,9 @@ class ImageNoise:
 #################################################################################
 
 
-def add_sampling_args(parser, cfg_scale):
-    """The flags sample.py and sample_ddp.py share. :param cfg_scale: the script's default scale."""
+def add_sampling_args(parser, cfg_scale, vae):
+    """The flags sample.py and sample_ddp.py share. :param cfg_scale, vae: the script's defaults
+    (DiT's sample.py decodes with mse, its sample_ddp.py, for FID, with ema)."""
     parser.add_argument("--model", choices=list(DiT_models), default=None,
                         help="default: the checkpoint's, else DiT-XL/2")
     parser.add_argument("--ckpt", default=None,
@@ -325,7 +327,7 @@ def add_sampling_args(parser, cfg_scale):
                         help="in pixels; default: the checkpoint's, else 256")
     parser.add_argument("--vae", default=None,
                         help="ema, mse, a hub id, a save_pretrained folder, or none (pixel space); "
-                             "default: the checkpoint's, else ema")
+                             f"default: the checkpoint's, else {vae}")
     parser.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else 1000")
     parser.add_argument("--sampler", choices=[s.value for s in Sampler], default=Sampler.DDPM.value,
                         help="ddpm (DiT's), ddim (eta 0) or dpm-solver (DPM-Solver++ 2M)")
