@@ -63,25 +63,28 @@ def read_json(path):
         return json.load(f)
 
 
-def shard_statistics(arr, valid):
+def shard_statistics(arr, valid, chunk=1024):
     """
     Sums for the per-channel statistics of one shard's valid rows, over all stored views.
 
-    :param arr: [n x V x K x C x H x W] shard array.
+    :param arr: [n x V x K x C x H x W] shard array (a memory map is read `chunk` rows at a time, so
+                a large shard needs no large float64 copy).
     :param valid: [n] bool, rows that hold an image.
-    :return: dict of plain lists: n (samples counted), sum and sumsq of the means per channel,
-             sum of the variances (std**2) per channel, all in float64.
+    :return: dict of plain lists: n (values counted per channel), sum and sumsq of the means per
+             channel, sum of the variances (std**2) per channel, all in float64.
     """
-    sel = arr[np.flatnonzero(valid)].astype(np.float64)  # (n', V, K, C, H, W)
-    mean = sel[:, :, 0]                                  # (n', V, C, H, W)
-    var = sel[:, :, 1] ** 2 if sel.shape[2] == 2 else np.zeros_like(mean)
-    pixels = mean.shape[0] * mean.shape[1] * mean.shape[3] * mean.shape[4]
-    return {
-        "n": int(pixels),
-        "sum": mean.sum(axis=(0, 1, 3, 4)).tolist(),
-        "sumsq": (mean ** 2).sum(axis=(0, 1, 3, 4)).tolist(),
-        "sumvar": var.sum(axis=(0, 1, 3, 4)).tolist(),
-    }
+    c = arr.shape[3]
+    sums = {key: np.zeros(c) for key in ("sum", "sumsq", "sumvar")}
+    n = 0
+    for lo in range(0, len(arr), chunk):
+        sel = np.asarray(arr[lo:lo + chunk])[valid[lo:lo + chunk]].astype(np.float64)  # (m, V, K, C, H, W)
+        mean = sel[:, :, 0]                                                             # (m, V, C, H, W)
+        sums["sum"] += mean.sum(axis=(0, 1, 3, 4))
+        sums["sumsq"] += (mean ** 2).sum(axis=(0, 1, 3, 4))
+        if sel.shape[2] == 2:
+            sums["sumvar"] += (sel[:, :, 1] ** 2).sum(axis=(0, 1, 3, 4))
+        n += mean.shape[0] * mean.shape[1] * mean.shape[3] * mean.shape[4]
+    return {"n": int(n), **{key: v.tolist() for key, v in sums.items()}}
 
 
 def channel_moments(stats, scaling_factor):

@@ -40,13 +40,21 @@ def load_vae(spec, device="cpu"):
     if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
         raise VAEError(f"{spec!r} is a folder but has no config.json: not a save_pretrained autoencoder")
     try:
-        vae = AutoencoderKL.from_pretrained(name)
+        # The local cache first: no network round trips (and their retries) when it is there.
+        vae = AutoencoderKL.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as e:  # hub errors are OSError subclasses; bad configs ValueError
+        vae, error = None, e
+    if vae is None and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "no", ""):
+        try:
+            vae = AutoencoderKL.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            error = e
+    if vae is None:
         raise VAEError(
-            f"cannot load the autoencoder {spec!r} ({name}): {e}\n"
+            f"cannot load the autoencoder {spec!r} ({name}): {error}\n"
             f"Use --vae none, a local folder made with save_pretrained, or download {name} into "
             f"the Hugging Face cache on a machine with network access first."
-        ) from e
+        ) from error
     return vae.to(device).eval().requires_grad_(False)
 
 

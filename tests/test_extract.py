@@ -206,3 +206,37 @@ def test_killed_run_resumes_to_the_same_store(tmp_path, reference_store, tiny_va
     assert r.returncode == 0, r.stderr
     assert "has 9 left" in r.stdout
     assert_same_store(reference_store, path)
+
+
+def test_vae_helpers(tmp_path, monkeypatch, tiny_vae_path):
+    import vae as vae_module
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: must fail at once with a clear message
+    with pytest.raises(vae_module.VAEError, match="nobody/no-such-vae"):
+        vae_module.load_vae("nobody/no-such-vae")
+    with pytest.raises(vae_module.VAEError, match="no config.json"):
+        vae_module.load_vae(str(tmp_path))
+    assert vae_module.load_vae("none") is None and vae_module.scaling_factor(None) == 1.0
+    z = torch.linspace(-2, 2, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    assert torch.equal(vae_module.decode(None, z, 1.0), z.clamp(-1, 1))
+    vae = load_vae(tiny_vae_path)
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+    latent = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        want = vae.decode(latent).sample.clamp(-1, 1)
+    got = vae_module.decode(vae, latent * 0.18215, vae_module.scaling_factor(vae))
+    assert got.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_center_crop_matches_adm():
+    """Box-halving while the short side is >= 2x, bicubic to the size, center crop: checked against
+    the same steps done by hand on an image that needs all three."""
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (70, 150, 3), dtype=np.uint8))
+    out = center_crop_arr(img, 16)
+    half = img.resize((75, 35), Image.BOX).resize((37, 17), Image.BOX)  # 70 >= 32, then 35 >= 32
+    scaled = half.resize((round(37 * 16 / 17), 16), Image.BICUBIC)
+    want = np.asarray(scaled)[:, (scaled.size[0] - 16) // 2:][:, :16]
+    assert out.size == (16, 16)
+    np.testing.assert_array_equal(np.asarray(out), want)
