@@ -363,8 +363,9 @@ def sample_latents(model, noise, y, sampler, steps, cfg_scale=1.0, guidance=Guid
     Draw samples in the model's space (latents or pixels).
 
     :param model: a DiT in eval mode.
-    :param noise: an ImageNoise for the batch: its first draw is the starting noise; DDPM draws its
-                  per-step noise from it too, so every image depends on its own stream only.
+    :param noise: a callable returning [N x C x H x W] standard normal noise, usually an ImageNoise:
+                  its first draw is the starting noise; DDPM draws its per-step noise from it too, so
+                  with an ImageNoise every image depends on its own stream only.
     :param y: [N] int64 class labels on the model's device, or None for an unconditional model.
     :param sampler: a Sampler (or its value); steps: its number of model evaluations.
     :param cfg_scale: guidance scale; 1 samples without guidance (a plain conditional pass).
@@ -372,6 +373,7 @@ def sample_latents(model, noise, y, sampler, steps, cfg_scale=1.0, guidance=Guid
     :return: [N x C x H x W] samples.
     """
     sampler = Sampler(sampler)
+    n = len(y)
     z = noise()
     if cfg_scale != 1.0:
         if model.y_embedder.dropout_prob == 0:
@@ -404,7 +406,7 @@ def sample_latents(model, noise, y, sampler, steps, cfg_scale=1.0, guidance=Guid
         alphas_cumprod = create_diffusion("", learn_sigma=learn_sigma).alphas_cumprod
         solver = DPMSolver(alphas_cumprod, solver_timesteps(alphas_cumprod, steps, Spacing.LOGSNR))
         x = solver.sample(model_fn, z, model_kwargs=kwargs, progress=progress)
-    return x[: len(noise.gens)]
+    return x[:n]
 
 
 def to_uint8(images):

@@ -233,6 +233,20 @@ def test_images_do_not_depend_on_their_batch():
     assert torch.equal(labels[20:30], sampling.random_labels(0, range(20, 30), 10)) and len(set(labels.tolist())) > 5
 
 
+def test_ddpm_loop_equals_p_sample_loop():
+    """sample_latents' DDPM loop (which exists to take per-image noise) is the reference ancestral
+    sampler: fed the same noise sequence, it gives p_sample_loop's result."""
+    model = tiny_dit()
+    y = torch.tensor([3, 8])
+    torch.manual_seed(0)
+    ours = sampling.sample_latents(model, lambda: torch.randn(2, 4, 8, 8), y, Sampler.DDPM, 20)
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 8, 8)
+    ref = create_diffusion("20").p_sample_loop(model.forward, z.shape, noise=z, clip_denoised=False,
+                                                 model_kwargs=dict(y=y))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("guidance", list(Guidance))
 def test_guidance_at_scale_one_equals_no_guidance(guidance):
     model = tiny_dit()
