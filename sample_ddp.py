@@ -3,6 +3,7 @@ Sample many images in parallel for FID/IS/precision/recall with ADM's evaluation
 
     torchrun --nproc_per_node=8 sample_ddp.py --model DiT-XL/2 --num-fid-samples 50000
     accelerate launch --num_processes 8 sample_ddp.py --sampler dpm-solver --num-sampling-steps 20
+    accelerate launch --cpu --num_processes 2 sample_ddp.py --ckpt <train.py checkpoint> --num-fid-samples 100
     python sample_ddp.py --ckpt results/000-DiT-S-2/checkpoints/0100000.pt --num-fid-samples 1000
 
 Defaults are DiT's FID settings (released DiT-XL/2 256x256, ema autoencoder, cfg 1.5, 250 DDPM steps). Each image
