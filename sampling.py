@@ -3,10 +3,14 @@ What sample.py and sample_ddp.py share: finding and loading checkpoints (release
 train.py format, ours), working out the model and autoencoder they need, the per-image random
 streams, and the three samplers.
 
-    from sampling import load_checkpoint, resolve_spec, build_model, sample_latents
-    ckpt = load_checkpoint("DiT-XL-2-256x256.pt")           # downloads into pretrained_models/
-    spec = resolve_spec(ckpt, model=None, image_size=None, vae=None, num_classes=None)
-    model = build_model(spec, ckpt, "cuda")
+    from sampling import ImageNoise, build_model, load_checkpoint, resolve_spec, sample_latents
+    from vae import load_vae
+    ckpt = load_checkpoint("DiT-XL-2-256x256.pt")    # downloads into pretrained_models/ if missing
+    spec = resolve_spec(ckpt)                         # model, image size, autoencoder, classes
+    vae = load_vae(spec.vae, "cuda")
+    model = build_model(spec, ckpt, vae, "cuda")      # strict load of the (EMA) weights
+    noise = ImageNoise(seed=0, indices=range(8), shape=(4, 32, 32), device="cuda")
+    z = sample_latents(model, noise, y, "dpm-solver", 20, cfg_scale=4.0)
 """
 import argparse
 import dataclasses
