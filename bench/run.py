@@ -5,9 +5,11 @@ command that measures it alone.
     python bench/run.py                          # all benchmarks, about 5-8 minutes on a 2-core CPU
     python bench/run.py --quick                  # smaller sizes, a smoke run
     python bench/run.py --only sample latents --output bench.md
+    python bench/run.py --gpu --output gpu.md    # the lent-GPU set (what bench/gpu.sh runs)
 
 Each benchmark is imported and its main() called in this process, one after the other; a failing
-benchmark is reported in the table and makes the exit status 1, the others still run. The README's
+benchmark is reported in the table and makes the exit status 1, the others still run. With --output
+the table is rewritten after every benchmark, so a run cut short keeps what it measured. The README's
 benchmark table is this script's output. For a lent GPU, see bench/gpu.sh.
 """
 import argparse
@@ -46,12 +48,28 @@ def run_sample(quick):
     return bench_sample.main(bench_sample.parse_args(["--quick"] if quick else []))
 
 
+def run_gpu_sample(quick):
+    import bench_sample
+    # DiT's FID setting: DiT-XL/2 on 32x32x4 latents (256x256 images), a batch of 64 under guidance.
+    argv = ["--model", "DiT-XL/2", "--input-size", "32", "--batch-size", "64", "--device", "cuda"]
+    return bench_sample.main(bench_sample.parse_args(argv + (["--quick"] if quick else [])))
+
+
+def run_gpu_train(quick):
+    import gpu_train
+    return gpu_train.main(gpu_train.parse_args(["--quick"] if quick else []))
+
+
 # name: (what it measures, how to run it); the order of the table.
 BENCHMARKS = {
     "train_step": ("training step: images/s and fraction of the matmul peak", run_train_step),
     "latents": ("latent store vs file-per-image reading; batched extraction", run_latents),
     "train": ("train.py end to end", run_train),
     "sample": ("samplers: images/s", run_sample),
+}
+GPU_BENCHMARKS = {
+    "gpu_sample": ("DiT-XL/2 256px samplers on the GPU: images/s", run_gpu_sample),
+    "gpu_train": ("DiT-XL/2 256px bf16 training: images/s, memory, MFU; checkpointing, compile", run_gpu_train),
 }
 
 
@@ -67,9 +85,14 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def machine_lines():
+def machine_lines(gpu):
+    lines = []
+    if gpu:
+        props = torch.cuda.get_device_properties(0)
+        lines.append(f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} "
+                     f"device(s); CUDA {torch.version.cuda}")
     load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return [
+    return lines + [
         f"Machine: {cpu_model()}, {os.cpu_count()} logical cores{load}; torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), Python {platform.python_version()}, {platform.system()}",
         f"Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
@@ -87,11 +110,24 @@ def markdown_table(rows):
 
 
 def main(args):
-    header = machine_lines()
+    benchmarks = GPU_BENCHMARKS if args.gpu else BENCHMARKS
+    unknown = sorted(set(args.only or []) - set(benchmarks))
+    if unknown:
+        raise SystemExit(f"run.py: error: {', '.join(unknown)} not in the {'GPU' if args.gpu else 'CPU'} set "
+                         f"({', '.join(benchmarks)})")
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("run.py: error: --gpu needs a CUDA device")
+    header = machine_lines(args.gpu)
     rows, failed = [], []
     start = time.time()
-    for name in args.only or list(BENCHMARKS):
-        what, run = BENCHMARKS[name]
+
+    def table(done):
+        lines = header + [f"Total time: {time.time() - start:.0f} s" + (" (--quick)" if args.quick else "")
+                          + ("" if done else " (still running)")]
+        return "\n".join(lines) + "\n\n" + markdown_table(rows) + "\n"
+
+    for name in args.only or list(benchmarks):
+        what, run = benchmarks[name]
         print(f"== {name}: {what}", flush=True)
         t0 = time.time()
         try:
@@ -100,22 +136,30 @@ def main(args):
             traceback.print_exc()
             failed.append(name)
             rows.append((name, "FAILED", f"{type(e).__name__}: {e}", "-"))
-            continue
-        rows += [(name, figure, value, command) for figure, value, command in result]
-        print(f"== {name}: {time.time() - t0:.0f} s", flush=True)
-    header.append(f"Total time: {time.time() - start:.0f} s" + (" (--quick)" if args.quick else ""))
-    text = "\n".join(header) + "\n\n" + markdown_table(rows) + "\n"
+        else:
+            rows += [(name, figure, value, command) for figure, value, command in result]
+            print(f"== {name}: {time.time() - t0:.0f} s", flush=True)
+        if args.output:
+            write(args.output, table(done=False))
+    text = table(done=True)
     print("\n" + text)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+        write(args.output, text)
         print(f"wrote {args.output}")
     return 1 if failed else 0
+
+
+def write(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--quick", action="store_true", help="each benchmark's smoke-run sizes")
-    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=None, help="run only these")
+    parser.add_argument("--gpu", action="store_true", help="the lent-GPU set instead of the CPU set")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help=f"run only these: {', '.join(BENCHMARKS)}; with --gpu {', '.join(GPU_BENCHMARKS)}")
     parser.add_argument("--output", default=None, help="also write the table to this markdown file")
     sys.exit(main(parser.parse_args()))
