@@ -432,3 +432,18 @@ def test_sample_py_with_train_checkpoint_and_autoencoder(tiny_vae_path, tmp_path
     assert Image.open(out).size == (4 * size + 5 * 2, 2 * size + 3 * 2)  # save_image's grid, padding 2
     p = run(["sample.py", "--ckpt", ckpt, "--model", "DiT-B/8", "--output", out], expect_ok=False)
     assert p.returncode == 2 and "--model DiT-B/8 contradicts" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_sample_py_on_a_real_train_py_checkpoint(latent_store, tmp_path):
+    """train.py's own checkpoint (2 steps on the tiny-autoencoder store) samples with no repeated flags."""
+    import train
+
+    _, targs = train.parse_args(["--features-path", latent_store, "--results-dir", str(tmp_path), "--model",
+                                 "DiT-Digits/2", "--global-batch-size", "4", "--num-workers", "0", "--no-progress",
+                                 "--max-steps", "2"])
+    exp = train.main(targs)
+    ckpt = os.path.join(exp, "checkpoints", "0000002.pt")
+    out = str(tmp_path / "digits.png")
+    p = run(["sample.py", "--ckpt", ckpt, "--class-labels", "0", "1", "2", "--sampler", "dpm-solver",
+             "--num-sampling-steps", "3", "--output", out])
+    assert "DiT-Digits/2" in p.stdout and os.path.getsize(out) > 0
