@@ -1,0 +1,233 @@
+"""
+The whole pipeline on real data, on a CPU, in minutes: scikit-learn's handwritten digits.
+
+    python demo.py                      # about 10 minutes on a 2-core CPU; writes demo/
+    python demo.py --quick              # a few training steps: checks every stage runs (CI)
+
+scikit-learn ships 1,797 grayscale 8x8 images of the digits 0-9 (no download). The demo runs the
+repository's scripts exactly as a user would, each as its own process:
+
+    1. write the digits as an ImageFolder          demo/digits/<0..9>/<index>.png
+    2. python extract_features.py --vae none       demo/features/      (a pixel-space store)
+    3. python train.py --model DiT-Digits/2 ...    demo/results/.../checkpoints/<step>.pt
+    4. python sample.py --class-labels 0 0 0 0 1 ...  demo/digits_grid.png (a row per digit)
+    5. python sample_ddp.py (once per setting)     demo/samples/*.npz
+    6. the score: the share of generated digits that a classifier fit on the real digits assigns to
+       the label they were generated for, with and without guidance, for DDPM and DPM-Solver++;
+       printed as a table and saved as demo/scores.json next to the grid.
+
+The classifier is an RBF support vector machine on the 8x8 images, fit on three quarters of the real
+digits; its accuracy on the remaining quarter is in the table as the ceiling to compare with.
+Generated images are averaged over their three (equal) channels and, when --image-size is not 8,
+area-downsampled back to 8x8 before they are classified.
+"""
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.svm import SVC
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+NUM_CLASSES = 10
+
+
+class DemoError(RuntimeError):
+    """A stage's script failed or left no output."""
+
+
+def write_image_folder(root, image_size):
+    """
+    Write every digit as <root>/<label>/<index>.png, grayscale, upsampled with bicubic filtering when
+    image_size > 8 (extract_features.py converts to RGB and crops, which is exact at this size).
+
+    :return: number of images written.
+    """
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
+    for label in range(NUM_CLASSES):
+        os.makedirs(os.path.join(root, str(label)), exist_ok=True)
+    for i, (image, label) in enumerate(zip(pixels, digits.target)):
+        img = Image.fromarray(image, mode="L")
+        if image_size != 8:
+            img = img.resize((image_size, image_size), Image.BICUBIC)
+        img.save(os.path.join(root, str(label), f"{i:04d}.png"))
+    return len(pixels)
+
+
+def fit_classifier():
+    """:return: (an SVC fit on 3/4 of the real 8x8 digits, its accuracy on the held-out 1/4)."""
+    digits = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        digits.data, digits.target, test_size=0.25, random_state=0, stratify=digits.target)
+    classifier = SVC(gamma=0.001, C=10.0).fit(x_train, y_train)
+    return classifier, float(classifier.score(x_test, y_test))
+
+
+def to_digit_features(images):
+    """
+    :param images: [N x H x W x 3] uint8 generated images.
+    :return: [N x 64] in the real digits' scale (0..16 on an 8x8 grid), what the classifier reads.
+    """
+    gray = images.astype(np.float64).mean(axis=3)  # (N, H, W)
+    n, h, w = gray.shape
+    if (h, w) != (8, 8):
+        if h % 8 or w % 8:
+            raise DemoError(f"generated images are {h}x{w}: --image-size must be a multiple of 8")
+        gray = gray.reshape(n, 8, h // 8, 8, w // 8).mean(axis=(2, 4))  # area downsampling to 8x8
+    return (gray * (16.0 / 255.0)).reshape(n, 64)
+
+
+def run(stage, command, log_dir):
+    """Run one script as its own process (output to the terminal and to <log_dir>/<stage>.log)."""
+    print(f"\n[{stage}] {' '.join(command)}", flush=True)
+    start = time.time()
+    log_path = os.path.join(log_dir, f"{stage}.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        proc.wait()
+    if proc.returncode != 0:
+        raise DemoError(f"stage {stage} failed with exit status {proc.returncode}; see {log_path}")
+    seconds = time.time() - start
+    print(f"[{stage}] done in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def latest_checkpoint(results_dir):
+    found = sorted(glob.glob(os.path.join(results_dir, "*", "checkpoints", "*.pt")))
+    if not found:
+        raise DemoError(f"train.py left no checkpoint under {results_dir}")
+    return found[-1]
+
+
+def score_settings(args):
+    """(name, sampler, steps, cfg scale) of every row of the score table."""
+    rows = []
+    for sampler, steps in (("ddpm", args.ddpm_steps), ("dpm-solver", args.solver_steps)):
+        for cfg in (1.0, args.cfg_scale):
+            rows.append((f"{sampler} {steps} steps, " + ("no guidance" if cfg == 1.0 else f"guidance {cfg:g}"),
+                         sampler, steps, cfg))
+    return rows
+
+
+def main(args):
+    start = time.time()
+    out = os.path.abspath(args.out)
+    folder, features, results = (os.path.join(out, name) for name in ("digits", "features", "results"))
+    samples, logs = os.path.join(out, "samples"), os.path.join(out, "logs")
+    if os.path.exists(results) and os.listdir(results):
+        raise DemoError(f"{results} already holds a training run: use another --out or remove it")
+    os.makedirs(logs, exist_ok=True)
+    python = sys.executable
+    timings = {}
+
+    count = write_image_folder(folder, args.image_size)
+    print(f"[data] wrote {count} digits ({args.image_size}x{args.image_size}) to {folder}")
+
+    timings["extract"] = run("extract", [
+        python, "extract_features.py", "--data-path", folder, "--features-path", features,
+        "--image-size", str(args.image_size), "--vae", "none", "--dtype", "float32", "--num-workers", "0",
+    ], logs)
+
+    timings["train"] = run("train", [
+        python, "train.py", "--features-path", features, "--results-dir", results, "--model", args.model,
+        "--max-steps", str(args.steps), "--global-batch-size", str(args.batch_size), "--lr", str(args.lr),
+        "--warmup-steps", str(min(args.warmup_steps, args.steps)), "--ema-decay", str(args.ema_decay),
+        "--ema-warmup", "--no-flip", "--mixed-precision", "no", "--num-workers", "0", "--no-progress",
+        "--log-every", str(max(1, args.steps // 10)), "--ckpt-every", str(args.steps), "--global-seed", "0",
+    ], logs)
+    ckpt = latest_checkpoint(results)
+
+    grid = os.path.join(out, "digits_grid.png")
+    # sample.py lays its grid out 4 images to a row: 4 images of each digit make one row per digit.
+    labels = [str(label) for label in range(NUM_CLASSES) for _ in range(4)]
+    timings["sample"] = run("sample", [
+        python, "sample.py", "--ckpt", ckpt, "--class-labels", *labels,
+        "--sampler", "dpm-solver", "--num-sampling-steps", str(args.solver_steps),
+        "--cfg-scale", str(args.cfg_scale), "--output", grid,
+    ], logs)
+    if not os.path.isfile(grid):
+        raise DemoError(f"sample.py left no grid at {grid}")
+
+    classifier, ceiling = fit_classifier()
+    table = []
+    for name, sampler, steps, cfg in score_settings(args):
+        stage = f"score-{sampler}-cfg{cfg:g}"
+        seconds = run(stage, [
+            python, "sample_ddp.py", "--ckpt", ckpt, "--sample-dir", samples, "--num-fid-samples",
+            str(args.num_score_samples), "--per-proc-batch-size", str(args.num_score_samples),
+            "--sampler", sampler, "--num-sampling-steps", str(steps), "--cfg-scale", str(cfg),
+        ], logs)
+        npz = sorted(glob.glob(os.path.join(samples, f"*-cfg-{cfg}-{sampler}-{steps}-seed-0.npz")))
+        if len(npz) != 1:
+            raise DemoError(f"expected one .npz for {name} in {samples}, found {len(npz)}")
+        with np.load(npz[0]) as data:
+            images, labels_drawn = data["arr_0"], data["labels"]
+        predicted = classifier.predict(to_digit_features(images))
+        per_class = {int(c): float((predicted[labels_drawn == c] == c).mean())
+                     for c in range(NUM_CLASSES) if (labels_drawn == c).any()}
+        table.append(dict(setting=name, sampler=sampler, steps=steps, cfg_scale=cfg, samples=len(images),
+                          accuracy=float((predicted == labels_drawn).mean()), per_class=per_class,
+                          seconds=round(seconds, 1), npz=os.path.relpath(npz[0], out)))
+        timings[stage] = seconds
+
+    total = time.time() - start
+    width = max(len(row["setting"]) for row in table)
+    lines = [f"{'setting':<{width}}  label accuracy", f"{'-' * width}  --------------"]
+    lines += [f"{row['setting']:<{width}}  {row['accuracy']:.1%}" for row in table]
+    lines.append(f"{'classifier on held-out real digits':<{width}}  {ceiling:.1%}")
+    report = dict(
+        model=args.model, image_size=args.image_size, train_steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, ema_decay=args.ema_decay, checkpoint=os.path.relpath(ckpt, out), grid=os.path.relpath(grid, out),
+        classifier="SVC(rbf, gamma=0.001, C=10) on 8x8 digits, fit on 3/4 of them",
+        classifier_held_out_accuracy=ceiling, scores=table,
+        seconds={k: round(v, 1) for k, v in timings.items()} | {"total": round(total, 1)},
+    )
+    scores_path = os.path.join(out, "scores.json")
+    with open(scores_path, "w") as f:
+        json.dump(report, f, indent=1)
+    print("\n" + "\n".join(lines))
+    print(f"\ngrid: {grid}\nscores: {scores_path}\ntotal: {total / 60:.1f} min "
+          f"(training {timings['train'] / 60:.1f} min)")
+    return report
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--out", default="demo", help="output folder (data, store, run, grid, scores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few training steps and few, short samples: checks the stages, not the quality")
+    parser.add_argument("--model", default="DiT-Digits/2")
+    parser.add_argument("--image-size", type=int, default=8, help="pixels; the 8x8 digits are upsampled to it")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 2000; --quick 4)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warmup")
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--cfg-scale", type=float, default=4.0)
+    parser.add_argument("--ddpm-steps", type=int, default=None, help="default 250; --quick 10")
+    parser.add_argument("--solver-steps", type=int, default=None, help="default 20; --quick 5")
+    parser.add_argument("--num-score-samples", type=int, default=None, help="per setting; default 200, --quick 20")
+    args = parser.parse_args()
+    defaults = dict(steps=(2000, 4), ddpm_steps=(250, 10), solver_steps=(20, 5), num_score_samples=(200, 20))
+    for key, (full, quick) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
+    if args.image_size < 8 or args.image_size % 8:
+        parser.error("--image-size must be a multiple of 8 (the digits are 8x8)")
+    if min(args.steps, args.batch_size, args.ddpm_steps, args.solver_steps, args.num_score_samples) < 1:
+        parser.error("--steps, --batch-size, --*-steps and --num-score-samples must be >= 1")
+    try:
+        main(args)
+    except DemoError as e:
+        sys.exit(f"demo.py: error: {e}")
