@@ -144,7 +144,8 @@ def main(args):
         "--max-steps", str(args.steps), "--global-batch-size", str(args.batch_size), "--lr", str(args.lr),
         "--warmup-steps", str(min(args.warmup_steps, args.steps)), "--ema-decay", str(args.ema_decay),
         "--ema-warmup", "--no-flip", "--mixed-precision", "no", "--num-workers", "0", "--no-progress",
-        "--log-every", str(max(1, args.steps // 10)), "--ckpt-every", str(args.steps), "--global-seed", "0",
+        "--log-every", str(max(1, args.steps // 10)), "--ckpt-every", str(args.ckpt_every or args.steps),
+        "--ckpt-keep-last", str(args.steps // (args.ckpt_every or args.steps) + 1), "--global-seed", "0",
     ], logs)
     ckpt = latest_checkpoint(results)
 
@@ -209,7 +210,9 @@ if __name__ == "__main__":
                         help="a few training steps and few, short samples: checks the stages, not the quality")
     parser.add_argument("--model", default="DiT-Digits/2")
     parser.add_argument("--image-size", type=int, default=8, help="pixels; the 8x8 digits are upsampled to it")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 2000; --quick 4)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 1800; --quick 4)")
+    parser.add_argument("--ckpt-every", type=int, default=None,
+                        help="also keep checkpoints every this many steps (default: only the last)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warmup")
@@ -219,7 +222,7 @@ if __name__ == "__main__":
     parser.add_argument("--solver-steps", type=int, default=None, help="default 20; --quick 5")
     parser.add_argument("--num-score-samples", type=int, default=None, help="per setting; default 200, --quick 20")
     args = parser.parse_args()
-    defaults = dict(steps=(2000, 4), ddpm_steps=(250, 10), solver_steps=(20, 5), num_score_samples=(200, 20))
+    defaults = dict(steps=(1800, 4), ddpm_steps=(250, 10), solver_steps=(20, 5), num_score_samples=(200, 20))
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
