@@ -21,6 +21,7 @@ Runs go to `<results-dir>/NNN-<model>/` (log.txt, tracker files, checkpoints/005
 import argparse
 import glob
 import hashlib
+import importlib.util
 import logging
 import os
 import random
@@ -193,7 +194,37 @@ def format_seconds(s):
 #################################################################################
 
 
+def make_optimizer(model, lr, device, fsdp):
+    """DiT's AdamW (no weight decay); the fused CUDA kernel where it applies (not on FSDP's DTensors)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0, fused=device.type == "cuda" and not fsdp)
+
+
+def train_step(accelerator, model, diffusion, opt, scheduler, ema, params, x, y, max_norm, decay):
+    """
+    One optimisation step on a batch, then the EMA update; no host synchronisation.
+
+    :param x: [B x C x H x W] inputs, y: [B] labels, on the device.
+    :param ema: the EMA tensors, in the order of `params` (the unwrapped model's parameters).
+    :param max_norm: clip the global gradient norm to this; inf only measures it (gradients x 1).
+    :return: (per-sample losses [B], timesteps [B], global gradient norm), detached.
+    """
+    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
+    losses = diffusion.training_losses(model, x, t, dict(y=y))["loss"]  # (B,) float32
+    accelerator.backward(losses.mean())
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    opt.step()
+    scheduler.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        torch._foreach_mul_(ema, decay)
+        torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - decay)
+    return losses.detach(), t, grad_norm
+
+
 def main(args):
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
+        raise TrainError(f"--report-to {args.report_to} needs the {args.report_to} package: pip install "
+                         f"{args.report_to}, or pass --report-to none")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
                               log_with=None if args.report_to == "none" else args.report_to)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -270,7 +301,7 @@ def main(args):
     if args.compile:
         for block in model.blocks:  # regional compilation: short compile, module names unchanged
             block.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+    opt = make_optimizer(model, args.lr, device, fsdp)
     model, opt = accelerator.prepare(model, opt)
     raw = accelerator.unwrap_model(model)
     names, params = zip(*raw.named_parameters())
@@ -310,14 +341,16 @@ def main(args):
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.global_seed))
 
     train_config = {k: v for k, v in vars(args).items()}
-    if accelerator.is_main_process and args.report_to != "none":
+    if args.report_to != "none":
+        accelerator.project_configuration.set_directories(exp_dir)  # tensorboard writes under the run
         accelerator.init_trackers(os.path.basename(exp_dir),
                                   config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                           for k, v in train_config.items()})
     n_params = sum(p.numel() for p in raw.parameters())
     logger.info(f"{args.model}: {n_params / 1e6:.2f}M parameters, {flops_per_image / 1e9:.2f} training GFLOPs per "
                 f"image, input {channels}x{size}x{size}, {meta['num_classes']} classes")
-    logger.info(f"{len(dataset)} images from {args.features_path}; {world} process(es) ({accelerator.distributed_type.value})"
+    logger.info(f"{len(dataset)} images from {args.features_path}; "
+                f"{world} process(es) ({accelerator.distributed_type.value})"
                 f" on {device.type}, {args.global_batch_size // world} images per process per step, "
                 f"{steps_per_epoch} steps per epoch, {max_steps} steps; mixed precision {args.mixed_precision}")
     logger.info(f"experiment folder {exp_dir}" + (f"; resumed from {resume} at step {step}" if ckpt else ""))
@@ -373,25 +406,16 @@ def main(args):
         dataset.set_epoch(epoch)
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            losses = diffusion.training_losses(model, x, t, dict(y=y))["loss"]  # (B,) float32
-            accelerator.backward(losses.mean())
-            # With max_norm inf this only measures the (global) norm; gradients are scaled by 1.
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            opt.step()
-            scheduler.step()
-            opt.zero_grad(set_to_none=True)
             decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
-            with torch.no_grad():
-                torch._foreach_mul_(ema, decay)
-                torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - decay)
+            losses, t, grad_norm = train_step(accelerator, model, diffusion, opt, scheduler, ema, params, x, y,
+                                              max_norm, decay)
             step += 1
             interval_steps += 1
-            loss_sum += losses.detach().sum()
+            loss_sum += losses.sum()
             norm_sum += grad_norm.detach().double() if torch.is_tensor(grad_norm) else grad_norm
             if args.log_quartiles:
                 q = (t * 4 // diffusion.num_timesteps).long()
-                quart_sum.index_add_(0, q, losses.detach().double())
+                quart_sum.index_add_(0, q, losses.double())
                 quart_cnt.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
             bar.update(1)
 
@@ -410,7 +434,8 @@ def main(args):
                 }
                 if args.log_quartiles:
                     for i in range(4):
-                        stats[f"loss_q{i}"] = total[1 + i].item() / total[5 + i].item() if total[5 + i] else float("nan")
+                        count = total[5 + i].item()
+                        stats[f"loss_q{i}"] = total[1 + i].item() / count if count else float("nan")
                 eta = (max_steps - step) * (now - t_start) / max(step - start_step, 1)
                 logger.info(f"step {step:07d}/{max_steps} epoch {epoch} " + " ".join(
                     f"{k} {v:.4g}" for k, v in stats.items()) + f" eta {format_seconds(eta)}")

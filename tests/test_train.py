@@ -1,9 +1,9 @@
 """train.py on tiny stores: the loss falls, checkpoint files and contents, exact resume, two processes
 under torchrun on the CPU, the refusals, and the accelerate configs."""
 import glob
+import importlib.util
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -173,6 +173,9 @@ def test_refusals(latent_store, pixel_store, image_folder, tmp_path):
         run(str(tmp_path), tmp_path, "--max-steps", "1")
     with pytest.raises(train.TrainError, match="fewer than --global-batch-size"):
         run(latent_store, tmp_path, "--max-steps", "1", "--global-batch-size", "64")
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(train.TrainError, match="pip install tensorboard"):
+            run(latent_store, tmp_path, "--max-steps", "1", "--report-to", "tensorboard")
     with pytest.raises(train.TrainError, match="no such checkpoint"):
         run(latent_store, tmp_path, "--max-steps", "1", "--resume", str(tmp_path / "missing.pt"))
 
