@@ -82,7 +82,7 @@ def main(args):
             name = f"train.py {args.model} x{args.batch_size} 32x32 {label}"
             command = f"{COMMAND} --model {args.model} --batch-size {args.batch_size} --steps {args.steps}" \
                 + (" --quick" if args.quick else "")
-            rows.append((f"{name}: images/s", f"{best['images_per_s']:.1f}", command))
+            rows.append((f"{name}: images/s", f"{best['images_per_s']:.3g}", command))
             rows.append((f"{name}: TFLOP/s", f"{best['tflops_per_device']:.3f}", command))
     for name, value, _ in rows:
         print(f"{name}: {value}")
