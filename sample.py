@@ -16,9 +16,9 @@ import argparse
 import torch
 from torchvision.utils import save_image
 
-from sampling import (CheckpointError, DownloadError, ImageNoise, add_sampling_args, build_model,
-                      check_sampling_args, latent_geometry, load_checkpoint, resolve_spec, sample_latents)
-from vae import VAEError, decode, load_vae, scaling_factor
+from sampling import (CheckpointError, ImageNoise, add_sampling_args, build_model, latent_geometry,
+                      load_checkpoint, resolve_spec, run_script, sample_latents)
+from vae import decode, load_vae, scaling_factor
 
 
 def main(args):
@@ -63,11 +63,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.seed < 0:
         parser.error("--seed must be >= 0")
-    try:
-        check_sampling_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    try:
-        main(args)
-    except (CheckpointError, DownloadError, VAEError) as e:
-        parser.error(str(e))
+    run_script(parser, args, main)

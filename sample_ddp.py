@@ -27,10 +27,9 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sampling import (CheckpointError, DownloadError, ImageNoise, add_sampling_args, build_model,
-                      check_sampling_args, latent_geometry, load_checkpoint, random_labels, resolve_spec,
-                      sample_latents, to_uint8)
-from vae import VAEError, decode, load_vae, scaling_factor
+from sampling import (CheckpointError, ImageNoise, add_sampling_args, build_model, latent_geometry,
+                      load_checkpoint, random_labels, resolve_spec, run_script, sample_latents, to_uint8)
+from vae import decode, load_vae, scaling_factor
 
 
 def run_name(args, spec):
@@ -159,11 +158,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.global_seed < 0 or args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
         parser.error("--global-seed must be >= 0, --per-proc-batch-size and --num-fid-samples >= 1")
-    try:
-        check_sampling_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    try:
-        main(args)
-    except (CheckpointError, DownloadError, VAEError) as e:
-        parser.error(str(e))
+    run_script(parser, args, main)

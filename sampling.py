@@ -28,7 +28,7 @@ from diffusion import create_diffusion
 from diffusion.respace import space_timesteps
 from diffusion.dpm_solver import DPMSolver, Spacing, solver_timesteps
 from models import DIT_CONFIGS, DiT_models, Guidance
-from vae import VAE_PRESETS
+from vae import VAE_PRESETS, VAEError
 
 # The released DiT-XL/2 weights (plain state_dicts of the EMA model) and their image sizes.
 RELEASED_CHECKPOINTS = {"DiT-XL-2-256x256.pt": 256, "DiT-XL-2-512x512.pt": 512}
@@ -358,6 +358,19 @@ def check_sampling_args(args):
         space_timesteps(1000, f"ddim{args.num_sampling_steps}")  # raises if no integer stride gives that count
     if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:
         raise ValueError(f"--guidance-interval {args.guidance_interval}: T_LO must not exceed T_HI")
+
+
+def run_script(parser, args, main):
+    """Check the shared sampling flags, then run a script's main: user errors (bad flags, checkpoints,
+    downloads, autoencoders) end as parser.error, a message and exit status 2, never a traceback."""
+    try:
+        check_sampling_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        main(args)
+    except (CheckpointError, DownloadError, VAEError) as e:
+        parser.error(str(e))
 
 
 @torch.no_grad()
