@@ -210,11 +210,11 @@ if __name__ == "__main__":
                         help="a few training steps and few, short samples: checks the stages, not the quality")
     parser.add_argument("--model", default="DiT-Digits/2")
     parser.add_argument("--image-size", type=int, default=8, help="pixels; the 8x8 digits are upsampled to it")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 1800; --quick 4)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 1500; --quick 4)")
     parser.add_argument("--ckpt-every", type=int, default=None,
                         help="also keep checkpoints every this many steps (default: only the last)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warmup")
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--cfg-scale", type=float, default=4.0)
@@ -222,7 +222,7 @@ if __name__ == "__main__":
     parser.add_argument("--solver-steps", type=int, default=None, help="default 20; --quick 5")
     parser.add_argument("--num-score-samples", type=int, default=None, help="per setting; default 200, --quick 20")
     args = parser.parse_args()
-    defaults = dict(steps=(1800, 4), ddpm_steps=(250, 10), solver_steps=(20, 5), num_score_samples=(200, 20))
+    defaults = dict(steps=(1500, 4), ddpm_steps=(250, 10), solver_steps=(20, 5), num_score_samples=(200, 20))
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
