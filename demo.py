@@ -16,6 +16,13 @@ repository's scripts exactly as a user would, each as its own process:
        the label they were generated for, with and without guidance, for DDPM and DPM-Solver++;
        printed as a table and saved as demo/scores.json next to the grid.
 
+Settings: DiT-Digits/2 (6 blocks of width 192, patch 2: 16 tokens, 4.2M parameters) on the native
+8x8 pixels, batch 128, AdamW at lr 2e-3 after 100 warm-up steps, EMA 0.999 with warm-up (short runs
+need it), label dropout 0.1, no flips (a mirrored digit is another glyph), float32. The learning rate
+decides how soon the labels take hold: with DPM-Solver++ 20 steps and guidance 4, at steps
+300/600/900/1200/1500 the share of correctly labelled digits was 11/43/81/100/100% at lr 2e-3,
+8/13/20/64/85% at lr 1e-3, and still 8% at 1200 steps (27% at 1800) at lr 5e-4.
+
 The classifier is an RBF support vector machine on the 8x8 images, fit on three quarters of the real
 digits; its accuracy on the remaining quarter is in the table as the ceiling to compare with.
 Generated images are averaged over their three (equal) channels and, when --image-size is not 8,
