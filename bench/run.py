@@ -2,7 +2,7 @@
 Run every CPU benchmark and print one markdown table: the machine, the date, each figure and the
 command that measures it alone.
 
-    python bench/run.py                          # all benchmarks, about 5-8 minutes on a 2-core CPU
+    python bench/run.py                          # all benchmarks, about 2 minutes on a 2-core CPU
     python bench/run.py --quick                  # smaller sizes, a smoke run
     python bench/run.py --only sample latents --output bench.md
     python bench/run.py --gpu --output gpu.md    # the lent-GPU set (what bench/gpu.sh runs)
