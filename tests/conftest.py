@@ -2,13 +2,15 @@
 inputs ImageNet has (grayscale, CMYK, RGBA, palette, odd sizes) plus files that cannot be read."""
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 # Downsampling factor of TINY_VAE_CONFIG: 2 ** (len(block_out_channels) - 1).
 TINY_VAE_DOWN = 2
@@ -18,6 +20,17 @@ TINY_VAE_CONFIG = dict(
     up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
     sample_size=16,
 )
+
+
+@pytest.fixture(scope="session")
+def golden_dir():
+    """The reference's figures: $DIT_GOLDEN, else shared/golden beside the checkout, else inside it."""
+    candidates = [os.environ.get("DIT_GOLDEN"), os.path.join(REPO, "..", "shared", "golden"),
+                  os.path.join(REPO, "shared", "golden")]
+    for path in filter(None, candidates):
+        if os.path.isfile(os.path.join(path, "dit_reference.pt")):
+            return Path(path)
+    pytest.fail(f"no golden figures (dit_reference.pt) in any of {[c for c in candidates if c]}; set $DIT_GOLDEN")
 
 
 @pytest.fixture(scope="session")

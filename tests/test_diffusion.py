@@ -1,5 +1,4 @@
 """diffusion/: parity with the published DiT code and invariants of respacing and sampling."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,12 +7,11 @@ import torch
 from diffusion import create_diffusion
 from diffusion.respace import space_timesteps
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 
 
 @pytest.fixture(scope="module")
-def golden():
-    return torch.load(GOLDEN / "dit_reference.pt", weights_only=False)
+def golden(golden_dir):
+    return torch.load(golden_dir / "dit_reference.pt", weights_only=False)
 
 
 def toy(x, t, y=None, **kwargs):
