@@ -48,7 +48,7 @@ def main(args):
                              args.guidance, args.guidance_interval, progress=True)
     scale = spec.scaling_factor if spec.scaling_factor is not None else scaling_factor(vae)
     images = decode(vae, samples, scale)
-    save_image(images, args.output, nrow=4, normalize=True, value_range=(-1, 1))
+    save_image(images, args.output, nrow=args.nrow, normalize=True, value_range=(-1, 1))
     print(f"saved {n} samples of {spec.model} ({spec.image_size}x{spec.image_size}, {args.sampler}, "
           f"{args.num_sampling_steps} steps, cfg {args.cfg_scale}) to {args.output}")
 
@@ -60,7 +60,10 @@ if __name__ == "__main__":
                         help="one image per label (DiT's sample.py classes by default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="sample.png")
+    parser.add_argument("--nrow", type=int, default=4, help="images per row of the grid")
     args = parser.parse_args()
     if args.seed < 0:
         parser.error("--seed must be >= 0")
+    if args.nrow < 1:
+        parser.error("--nrow must be >= 1")
     run_script(parser, args, main)

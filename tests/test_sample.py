@@ -430,6 +430,9 @@ def test_sample_py_with_train_checkpoint_and_autoencoder(tiny_vae_path, tmp_path
     run(["sample.py", "--ckpt", ckpt, "--class-labels", "1", "2", "3", "4", "5", "--sampler", "ddim",
          "--num-sampling-steps", "5", "--output", out])
     assert Image.open(out).size == (4 * size + 5 * 2, 2 * size + 3 * 2)  # save_image's grid, padding 2
+    run(["sample.py", "--ckpt", ckpt, "--class-labels", "1", "2", "3", "4", "5", "--sampler", "ddim",
+         "--num-sampling-steps", "2", "--nrow", "5", "--output", out])
+    assert Image.open(out).size == (5 * size + 6 * 2, size + 2 * 2)
     p = run(["sample.py", "--ckpt", ckpt, "--model", "DiT-B/8", "--output", out], expect_ok=False)
     assert p.returncode == 2 and "--model DiT-B/8 contradicts" in p.stderr and "Traceback" not in p.stderr
 
