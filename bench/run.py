@@ -14,7 +14,6 @@ benchmark table is this script's output. For a lent GPU, see bench/gpu.sh.
 """
 import argparse
 import datetime
-import importlib
 import os
 import platform
 import sys
