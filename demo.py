@@ -19,9 +19,11 @@ repository's scripts exactly as a user would, each as its own process:
 Settings: DiT-Digits/2 (6 blocks of width 192, patch 2: 16 tokens, 4.2M parameters) on the native
 8x8 pixels, batch 128, AdamW at lr 2e-3 after 100 warm-up steps, EMA 0.999 with warm-up (short runs
 need it), label dropout 0.1, no flips (a mirrored digit is another glyph), float32. The learning rate
-decides how soon the labels take hold: with DPM-Solver++ 20 steps and guidance 4, at steps
-300/600/900/1200/1500 the share of correctly labelled digits was 11/43/81/100/100% at lr 2e-3,
-8/13/20/64/85% at lr 1e-3, and still 8% at 1200 steps (27% at 1800) at lr 5e-4.
+decides how soon the labels take hold; --curve scores every kept checkpoint, e.g.
+
+    python demo.py --out /tmp/demo_lr1e-3 --lr 1e-3 --steps 1800 --ckpt-every 300 --curve --num-score-samples 100
+
+gives the share of correctly labelled digits against training steps (the README has the measured curves).
 
 The classifier is an RBF support vector machine on the 8x8 images, fit on three quarters of the real
 digits; its accuracy on the remaining quarter is in the table as the ceiling to compare with.
@@ -110,11 +112,37 @@ def run(stage, command, log_dir):
     return seconds
 
 
-def latest_checkpoint(results_dir):
+def all_checkpoints(results_dir):
     found = sorted(glob.glob(os.path.join(results_dir, "*", "checkpoints", "*.pt")))
     if not found:
         raise DemoError(f"train.py left no checkpoint under {results_dir}")
-    return found[-1]
+    return found
+
+
+def score(ckpt, sampler, steps, cfg, classifier, args, samples, logs, stage):
+    """
+    Sample --num-score-samples digits from ckpt with sample_ddp.py and classify them.
+
+    :return: (a row of the score table, the seconds sample_ddp.py took).
+    """
+    seconds = run(stage, [
+        sys.executable, "sample_ddp.py", "--ckpt", ckpt, "--sample-dir", samples, "--num-fid-samples",
+        str(args.num_score_samples), "--per-proc-batch-size", str(args.num_score_samples),
+        "--sampler", sampler, "--num-sampling-steps", str(steps), "--cfg-scale", str(cfg),
+    ], logs)
+    step = os.path.splitext(os.path.basename(ckpt))[0]  # sample_ddp.py names its output after the checkpoint
+    npz = sorted(glob.glob(os.path.join(samples, f"*-{step}-*-cfg-{cfg}-{sampler}-{steps}-seed-0.npz")))
+    if len(npz) != 1:
+        raise DemoError(f"expected one .npz for {stage} in {samples}, found {len(npz)}")
+    with np.load(npz[0]) as data:
+        images, labels_drawn = data["arr_0"], data["labels"]
+    predicted = classifier.predict(to_digit_features(images))
+    per_class = {int(c): float((predicted[labels_drawn == c] == c).mean())
+                 for c in range(NUM_CLASSES) if (labels_drawn == c).any()}
+    row = dict(sampler=sampler, steps=steps, cfg_scale=cfg, samples=len(images),
+               accuracy=float((predicted == labels_drawn).mean()), per_class=per_class,
+               seconds=round(seconds, 1), npz=os.path.relpath(npz[0], os.path.dirname(samples)))
+    return row, seconds
 
 
 def score_settings(args):
@@ -154,7 +182,7 @@ def main(args):
         "--log-every", str(max(1, args.steps // 10)), "--ckpt-every", str(args.ckpt_every or args.steps),
         "--ckpt-keep-last", str(args.steps // (args.ckpt_every or args.steps) + 1), "--global-seed", "0",
     ], logs)
-    ckpt = latest_checkpoint(results)
+    ckpt = all_checkpoints(results)[-1]
 
     grid = os.path.join(out, "digits_grid.png")
     # sample.py lays its grid out 4 images to a row: 4 images of each digit make one row per digit.
@@ -171,34 +199,30 @@ def main(args):
     table = []
     for name, sampler, steps, cfg in score_settings(args):
         stage = f"score-{sampler}-cfg{cfg:g}"
-        seconds = run(stage, [
-            python, "sample_ddp.py", "--ckpt", ckpt, "--sample-dir", samples, "--num-fid-samples",
-            str(args.num_score_samples), "--per-proc-batch-size", str(args.num_score_samples),
-            "--sampler", sampler, "--num-sampling-steps", str(steps), "--cfg-scale", str(cfg),
-        ], logs)
-        npz = sorted(glob.glob(os.path.join(samples, f"*-cfg-{cfg}-{sampler}-{steps}-seed-0.npz")))
-        if len(npz) != 1:
-            raise DemoError(f"expected one .npz for {name} in {samples}, found {len(npz)}")
-        with np.load(npz[0]) as data:
-            images, labels_drawn = data["arr_0"], data["labels"]
-        predicted = classifier.predict(to_digit_features(images))
-        per_class = {int(c): float((predicted[labels_drawn == c] == c).mean())
-                     for c in range(NUM_CLASSES) if (labels_drawn == c).any()}
-        table.append(dict(setting=name, sampler=sampler, steps=steps, cfg_scale=cfg, samples=len(images),
-                          accuracy=float((predicted == labels_drawn).mean()), per_class=per_class,
-                          seconds=round(seconds, 1), npz=os.path.relpath(npz[0], out)))
-        timings[stage] = seconds
+        row, timings[stage] = score(ckpt, sampler, steps, cfg, classifier, args, samples, logs, stage)
+        table.append(dict(setting=name, **row))
+
+    curve = []
+    if args.curve:  # the guided fast-solver row for every kept checkpoint: accuracy against training steps
+        for path in all_checkpoints(results):
+            step = int(os.path.splitext(os.path.basename(path))[0])
+            row, _ = score(path, "dpm-solver", args.solver_steps, args.cfg_scale, classifier, args, samples, logs,
+                           f"curve-{step}")
+            curve.append(dict(train_step=step, **row))
 
     total = time.time() - start
     width = max(len(row["setting"]) for row in table)
     lines = [f"{'setting':<{width}}  label accuracy", f"{'-' * width}  --------------"]
     lines += [f"{row['setting']:<{width}}  {row['accuracy']:.1%}" for row in table]
     lines.append(f"{'classifier on held-out real digits':<{width}}  {ceiling:.1%}")
+    if curve:
+        lines += ["", f"training step  label accuracy (dpm-solver {args.solver_steps} steps, guidance {args.cfg_scale:g})"]
+        lines += [f"{row['train_step']:>13}  {row['accuracy']:.1%}" for row in curve]
     report = dict(
         model=args.model, image_size=args.image_size, train_steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, ema_decay=args.ema_decay, checkpoint=os.path.relpath(ckpt, out), grid=os.path.relpath(grid, out),
         classifier="SVC(rbf, gamma=0.001, C=10) on 8x8 digits, fit on 3/4 of them",
-        classifier_held_out_accuracy=ceiling, scores=table,
+        classifier_held_out_accuracy=ceiling, scores=table, curve=curve,
         seconds={k: round(v, 1) for k, v in timings.items()} | {"total": round(total, 1)},
     )
     scores_path = os.path.join(out, "scores.json")
@@ -220,6 +244,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 1500; --quick 4)")
     parser.add_argument("--ckpt-every", type=int, default=None,
                         help="also keep checkpoints every this many steps (default: only the last)")
+    parser.add_argument("--curve", action="store_true",
+                        help="also score every kept checkpoint (see --ckpt-every) with the guided fast solver")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warmup")
