@@ -45,8 +45,8 @@ def test_real_digits_written_and_read_back_keep_their_labels(tmp_path, image_siz
 
 def test_quick_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out), "--curve", "--ckpt-every", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     assert sum(len(os.listdir(out / "digits" / str(c))) for c in range(10)) == 1797
@@ -70,6 +70,9 @@ def test_quick_demo_runs_every_stage(tmp_path):
         with np.load(out / row["npz"]) as data:
             assert data["arr_0"].shape == (20, 8, 8, 3) and data["arr_0"].dtype == np.uint8
             assert data["labels"].shape == (20,) and set(data["labels"]) <= set(range(10))
+    # --curve: the guided fast-solver row again for each kept checkpoint (steps 2 and 4 of 4).
+    assert [r["train_step"] for r in report["curve"]] == [2, 4]
+    assert report["curve"][-1]["accuracy"] == rows[-1]["accuracy"]  # the last checkpoint is the table's
     assert "label accuracy" in proc.stdout and "classifier on held-out real digits" in proc.stdout
 
     # A second run into the same folder must refuse, not mix two training runs.
