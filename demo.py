@@ -205,7 +205,7 @@ def main(args):
     curve = []
     if args.curve:  # the guided fast-solver row for every kept checkpoint: accuracy against training steps
         for path in all_checkpoints(results):
-            step = int(os.path.splitext(os.path.basename(path))[0])
+            step = int(os.path.splitext(os.path.basename(path))[0])  # train.py names checkpoints by step
             row, _ = score(path, "dpm-solver", args.solver_steps, args.cfg_scale, classifier, args, samples, logs,
                            f"curve-{step}")
             curve.append(dict(train_step=step, **row))

@@ -1,12 +1,10 @@
 """diffusion/: parity with the published DiT code and invariants of respacing and sampling."""
-
 import numpy as np
 import pytest
 import torch
 
 from diffusion import create_diffusion
 from diffusion.respace import space_timesteps
-
 
 
 @pytest.fixture(scope="module")
