@@ -216,7 +216,8 @@ def main(args):
     lines += [f"{row['setting']:<{width}}  {row['accuracy']:.1%}" for row in table]
     lines.append(f"{'classifier on held-out real digits':<{width}}  {ceiling:.1%}")
     if curve:
-        lines += ["", f"training step  label accuracy (dpm-solver {args.solver_steps} steps, guidance {args.cfg_scale:g})"]
+        setting = f"dpm-solver {args.solver_steps} steps, guidance {args.cfg_scale:g}"
+        lines += ["", f"training step  label accuracy ({setting})"]
         lines += [f"{row['train_step']:>13}  {row['accuracy']:.1%}" for row in curve]
     report = dict(
         model=args.model, image_size=args.image_size, train_steps=args.steps, batch_size=args.batch_size,
