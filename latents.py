@@ -103,16 +103,20 @@ def channel_moments(stats, scaling_factor):
     return (scaling_factor * m).tolist(), (scaling_factor * np.sqrt(np.maximum(var, 0.0))).tolist()
 
 
-def _mix64(*keys):
-    """A 63-bit seed from integer keys (splitmix64 finaliser), so (seed, epoch, index) triples map to
-    unrelated torch generator seeds."""
-    h = 0x9E3779B97F4A7C15
-    mask = (1 << 64) - 1
-    for k in keys:
-        h = (h ^ (int(k) & mask)) * 0xBF58476D1CE4E5B9 & mask
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & mask
-        h ^= h >> 31
-    return h >> 1
+def _mix64(seed, epoch, index):
+    """
+    Unrelated 64-bit keys for (seed, epoch, index) triples: the splitmix64 finaliser, vectorised.
+
+    :param index: int64 [B] dataset indices.
+    :return: uint64 [B]; bit 63 is the flip, the low 32 bits seed the noise generator (torch's CPU
+             generator keeps only those).
+    """
+    h = np.full(index.shape, 0x9E3779B97F4A7C15, dtype=np.uint64)
+    for key in (np.full_like(h, seed & (2**64 - 1)), np.full_like(h, epoch), index.astype(np.uint64)):
+        h = (h ^ key) * np.uint64(0xBF58476D1CE4E5B9)  # uint64 arrays wrap modulo 2**64
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return h
 
 
 class LatentDataset(torch.utils.data.Dataset):
@@ -129,9 +133,9 @@ class LatentDataset(torch.utils.data.Dataset):
     :param sample_posterior: draw mean + std * noise per access (DiT's latent_dist.sample()).
                  False: the posterior mean.
     :param seed: None: flips and noise from torch's default generator (per DataLoader worker). An
-                 int: item i of epoch e (see set_epoch) uses a generator seeded from (seed, e, i),
-                 so samples do not depend on workers, batching or process count, and a resumed run
-                 sees exactly the samples an uninterrupted one would.
+                 int: the flip and the noise of item i in epoch e (see set_epoch) are functions of
+                 (seed, e, i), so samples do not depend on workers, batching or process count, and a
+                 resumed run sees exactly the samples an uninterrupted one would.
 
     Batches: `__getitems__(indices)` reads a whole batch in one vectorised read and returns
     (x [B x C x H x W], y [B]); give the DataLoader `collate_fn=latents.collate`. The memory maps
@@ -199,11 +203,9 @@ class LatentDataset(torch.utils.data.Dataset):
         b = len(idx)
         if self.seed is None:
             flips = torch.randint(0, 2, (b,)).numpy().astype(bool) if self.flip else np.zeros(b, bool)
-            gens = None
         else:
-            gens = [torch.Generator().manual_seed(_mix64(self.seed, self.epoch, i)) for i in idx]
-            flips = np.array([bool(torch.randint(0, 2, (1,), generator=g)) for g in gens]) \
-                if self.flip else np.zeros(b, bool)
+            keys = _mix64(self.seed, self.epoch, idx)
+            flips = (keys >> np.uint64(63)).astype(bool) if self.flip else np.zeros(b, bool)
         encoded_view = flips.astype(np.int64) if self.meta["flip"] == FLIP_ENCODED else np.zeros(b, np.int64)
         k = 2 if self.sample_posterior else 1  # read the std only when it is used
         rows = self.rows[idx]
@@ -216,10 +218,12 @@ class LatentDataset(torch.utils.data.Dataset):
         data = torch.from_numpy(out).float()  # (B, k, C, H, W), a fresh tensor
         x = data[:, 0]                         # (B, C, H, W) posterior means
         if self.sample_posterior:
-            if gens is None:
+            if self.seed is None:
                 noise = torch.randn(x.shape)
             else:
-                noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
+                noise, g = torch.empty(x.shape), torch.Generator()
+                for row, key in zip(noise, keys & np.uint64(0xFFFFFFFF)):
+                    row.normal_(generator=g.manual_seed(int(key)))
             x = torch.addcmul(x, data[:, 1], noise)  # mean + std * noise, as latent_dist.sample()
         else:
             x = x.contiguous()
