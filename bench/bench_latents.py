@@ -4,8 +4,8 @@ Latent store speed: reading for training, and extraction with batches.
     python bench/bench_latents.py            # about 1-2 minutes on a 2-core CPU
     python bench/bench_latents.py --quick    # smaller sizes, a smoke run
 
-Reading: samples/s through a shuffled DataLoader (batch 256, no workers) from a LatentDataset with the
-train-time defaults (random flip of two encoded views, fresh posterior sample, float16 store of
+Reading: samples/s through a shuffled DataLoader (batch 256, no workers) from a LatentDataset as
+train.py makes it (seeded, random flip of two encoded views, fresh posterior sample, float16 store of
 ImageNet-256-shaped latents 4x32x32), against the same latents laid out as fast-DiT does (one
 float32 .npy per image and one per label, np.load per item, default collate), both from the page
 cache (the most favourable case for many small files).
@@ -141,11 +141,12 @@ def bench_reading(tmp, args):
     drop_page_cache(store)
     drop_page_cache(os.path.join(tmp, "fast"))
     files = FilePerImage(os.path.join(tmp, "fast"))
-    rates = {"ours_cold": samples_per_second(loader(latents.LatentDataset(store)), args.seconds),
+    # seed=0 as train.py (its --global-seed): every sample a function of (seed, epoch, index).
+    rates = {"ours_cold": samples_per_second(loader(latents.LatentDataset(store, seed=0)), args.seconds),
              "files_cold": samples_per_second(loader(files), args.seconds)}
     warm_page_cache(tmp)
-    rates["ours"] = samples_per_second(loader(latents.LatentDataset(store)), args.seconds)
-    rates["ours_mean"] = samples_per_second(loader(latents.LatentDataset(store, sample_posterior=False)),
+    rates["ours"] = samples_per_second(loader(latents.LatentDataset(store, seed=0)), args.seconds)
+    rates["ours_mean"] = samples_per_second(loader(latents.LatentDataset(store, sample_posterior=False, seed=0)),
                                             args.seconds)
     rates["files"] = samples_per_second(loader(files), args.seconds)
     return rates
