@@ -54,6 +54,23 @@ def test_posterior_samples_have_the_stored_mean_and_std(latent_store):
     assert np.abs(z.mean(0)).max() < 0.08 and np.abs(z.std(0) - 1).max() < 0.08
 
 
+def test_seeded_draws_across_epochs_are_fair_flips_and_standard_normal_noise(latent_store):
+    """train.py's seeded path: item 5 over 2000 epochs sees the mirror half the time, fresh noise each."""
+    mean, std = stored(latent_store)
+    flips = latents.LatentDataset(latent_store, seed=11, sample_posterior=False)
+    noisy = latents.LatentDataset(latent_store, seed=11, flip=False)
+    mirror, draws = [], []
+    for epoch in range(2000):
+        flips.set_epoch(epoch)
+        noisy.set_epoch(epoch)
+        mirror.append(np.allclose(flips[5][0].numpy(), SF * mean[flips.rows[5], 1], rtol=1e-6))
+        draws.append(noisy[5][0].numpy())
+    assert 900 < sum(mirror) < 1100  # a fair coin, 2000 throws (about 4.5 standard deviations)
+    z = (np.stack(draws) - SF * mean[noisy.rows[5], 0]) / (SF * std[noisy.rows[5], 0])
+    assert np.abs(z.mean(0)).max() < 0.15 and np.abs(z.std(0) - 1).max() < 0.15
+    assert abs(np.corrcoef(z[:-1].ravel(), z[1:].ravel())[0, 1]) < 0.02  # no noise repeated across epochs
+
+
 def test_seeded_items_do_not_depend_on_batching(latent_store):
     ds = latents.LatentDataset(latent_store, seed=7)
     batch, _ = ds.__getitems__([3, 0, 9, 3])
