@@ -114,6 +114,18 @@ class Checkpoint:
     config: dict
 
 
+def read_checkpoint(path):
+    """torch.load on the CPU with weights_only (safe unpickling), or a CheckpointError saying why not."""
+    try:  # DiT's own train.py also stores its argparse.Namespace
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or foreign files
+        why = str(e).splitlines()[0]
+        if "Weights only load failed" in why:  # torch's advice (weights_only=False) is not ours to give
+            why = "it is corrupt, or pickles objects other than tensors and plain containers"
+        raise CheckpointError(f"cannot read {path} as a checkpoint: {why}") from e
+
+
 def load_checkpoint(spec, dest_dir=PRETRAINED_DIR, base_url=None):
     """
     :param spec: a released name (downloaded into dest_dir if not there), or a path to a plain
@@ -130,12 +142,7 @@ def load_checkpoint(spec, dest_dir=PRETRAINED_DIR, base_url=None):
             path = download(name, dest_dir, base_url)
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {spec!r} (released names: {', '.join(RELEASED_CHECKPOINTS)})")
-    # weights_only keeps unpickling safe; DiT's own train.py also stores its argparse.Namespace.
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt or foreign files
-        raise CheckpointError(f"cannot read {path} as a checkpoint: {e}") from e
+    data = read_checkpoint(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a {type(data).__name__}, not a state_dict or checkpoint dict")
     if released:

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from diffusion import create_diffusion
 from latents import LatentDataset, collate
 from models import DiT_models
+from sampling import CheckpointError, read_checkpoint
 
 # Store metadata that must match for a checkpoint to continue training on a store.
 STORE_IDENTITY = ("vae", "scaling_factor", "image_size", "latent_shape", "num_classes", "class_names",
@@ -270,9 +271,9 @@ def main(args):
     ckpt = None
     if resume is not None:
         try:
-            ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises several types for a foreign or damaged file
-            raise TrainError(f"cannot read {resume} as a checkpoint: {e}") from e
+            ckpt = read_checkpoint(resume)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from e
         check_compatible(ckpt, resume, model_config, meta)
         saved = ckpt["train_config"]["global_batch_size"]
         if saved != args.global_batch_size:

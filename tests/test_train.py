@@ -185,6 +185,10 @@ def test_refusals(latent_store, pixel_store, image_folder, tmp_path):
         run(latent_store, tmp_path, "--model", "DiT-S/8", "--max-steps", "2", "--resume", ckpt)
     with pytest.raises(train.TrainError, match="--global-batch-size 4; resume with the same"):
         run(latent_store, tmp_path, "--max-steps", "2", "--global-batch-size", "8", "--resume", ckpt)
+    truncated = tmp_path / "truncated.pt"  # a copy cut short, as by a full disk
+    truncated.write_bytes(open(ckpt, "rb").read()[:1000])
+    with pytest.raises(train.TrainError, match="cannot read .*truncated.pt as a checkpoint"):
+        run(latent_store, tmp_path, "--max-steps", "2", "--resume", str(truncated))
     # Same model shapes, other images: another store.
     other = tmp_path / "other_images"
     for cls in ("x", "y", "z"):
