@@ -355,6 +355,9 @@ def main(args):
                 f" on {device.type}, {args.global_batch_size // world} images per process per step, "
                 f"{steps_per_epoch} steps per epoch, {max_steps} steps; mixed precision {args.mixed_precision}")
     logger.info(f"experiment folder {exp_dir}" + (f"; resumed from {resume} at step {step}" if ckpt else ""))
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not fsdp:
+        logger.info("the accelerate config asks for FSDP, which accelerate runs on GPUs only: "
+                    f"training without sharding ({accelerator.distributed_type.value})")
 
     def save_checkpoint():
         """Every process takes part (FSDP gathers shards); rank 0 writes tmp then renames."""

@@ -235,6 +235,19 @@ def test_accelerate_configs_parse():
         assert yaml.safe_load(f)["mixed_precision"] == "bf16"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback; on a GPU the FSDP test below runs")
+def test_fsdp_config_on_cpu_says_it_trains_unsharded(latent_store, tmp_path):
+    cmd = ["accelerate", "launch", "--config_file", os.path.join(ROOT, "configs", "fsdp.yaml"), "--num_processes",
+           "2", "--main_process_port", "0", os.path.join(ROOT, "train.py"), "--features-path", latent_store,
+           "--results-dir", str(tmp_path), "--model", MODEL, "--global-batch-size", "4", "--max-steps", "2",
+           "--num-workers", "0", "--no-progress", "--mixed-precision", "no"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "asks for FSDP, which accelerate runs on GPUs only: training without sharding (MULTI_CPU)" in proc.stdout
+    assert "weights identical on all 2 processes" in proc.stdout
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fsdp_on_gpu_checkpoints_and_resumes(latent_store, tmp_path):
