@@ -186,7 +186,8 @@ def test_refusals(latent_store, pixel_store, image_folder, tmp_path):
     with pytest.raises(train.TrainError, match="--global-batch-size 4; resume with the same"):
         run(latent_store, tmp_path, "--max-steps", "2", "--global-batch-size", "8", "--resume", ckpt)
     truncated = tmp_path / "truncated.pt"  # a copy cut short, as by a full disk
-    truncated.write_bytes(open(ckpt, "rb").read()[:1000])
+    with open(ckpt, "rb") as f:
+        truncated.write_bytes(f.read(1000))
     with pytest.raises(train.TrainError, match="cannot read .*truncated.pt as a checkpoint"):
         run(latent_store, tmp_path, "--max-steps", "2", "--resume", str(truncated))
     # Same model shapes, other images: another store.
