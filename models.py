@@ -6,7 +6,7 @@
 
 Module and parameter names follow the paper and are the checkpoint's keys, so they must not change.
 Numerically this equals the published code (facebookresearch/DiT, commit ed81ce2) for the same
-weights and inputs; tests/test_models.py checks it against ../shared/golden/. It differs in how the
+weights and inputs; tests/test_models.py checks it against tests/golden/. It differs in how the
 work is done: attention goes through `scaled_dot_product_attention`, adaLN modulation and gated
 residuals are fused into single `addcmul` kernels, the patch embedding is a matmul, and each block can
 be recomputed in the backward pass (gradient checkpointing) without changing any number.

@@ -6,16 +6,7 @@ import torch
 from diffusion import create_diffusion
 from diffusion.respace import space_timesteps
 
-
-@pytest.fixture(scope="module")
-def golden(golden_dir):
-    return torch.load(golden_dir / "dit_reference.pt", weights_only=False)
-
-
-def toy(x, t, y=None, **kwargs):
-    """The golden file's fixed learned-sigma denoiser: 2C output channels."""
-    s = t.float().view(-1, 1, 1, 1) / 1000.0
-    return torch.cat([torch.sin(x + s), torch.tanh(0.5 * x - s)], dim=1)
+from conftest import toy
 
 
 def test_training_losses_match_reference(golden):

@@ -5,18 +5,14 @@ import zlib
 import pytest
 import torch
 
+from conftest import GOLDEN_DIR
 from models import DIT_CONFIGS, DiT, DiT_models, DiT_XL_2, Guidance, get_2d_sincos_pos_embed
 
 PAPER_SIZES = [f"DiT-{s}/{p}" for s in ("XL", "L", "B", "S") for p in (2, 4, 8)]
 
 
-@pytest.fixture(scope="module")
-def golden(golden_dir):
-    return torch.load(golden_dir / "dit_reference.pt", weights_only=False)
-
-
 def golden_model(name):
-    """The model with the golden file's deterministic weights (see ../shared/golden/README.md)."""
+    """The model with the golden file's deterministic weights (see tests/golden/README.md)."""
     model = DiT_models[name](input_size=16, num_classes=1000).eval()
     state = {
         k: torch.randn(v.shape, generator=torch.Generator().manual_seed(zlib.crc32(("golden:" + k).encode()))) * 0.05
@@ -52,8 +48,8 @@ def test_paper_table_is_complete():
 
 
 @pytest.mark.parametrize("manifest,input_size", [("DiT-XL-2-256x256.keys.json", 32), ("DiT-XL-2-512x512.keys.json", 64)])
-def test_released_checkpoint_keys_load_strictly(golden_dir, manifest, input_size):
-    shapes = json.loads((golden_dir / manifest).read_text())
+def test_released_checkpoint_keys_load_strictly(manifest, input_size):
+    shapes = json.loads((GOLDEN_DIR / manifest).read_text())
     with torch.device("meta"):  # shapes only: no 2.7 GB of weights
         model = DiT_XL_2(input_size=input_size)
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == shapes

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 import sampling
+from conftest import GOLDEN_DIR, toy
 from diffusion import create_diffusion
 from diffusion.dpm_solver import DPMSolver, Spacing, solver_timesteps
 from models import DiT, DiT_models, Guidance
 from sampling import CheckpointError, DownloadError, ImageNoise, Sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GOLDEN = os.path.join(ROOT, "..", "shared", "golden")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)  # 2 shared cores: no thread oversubscription
 
 
@@ -107,7 +107,7 @@ def server():
 def released_like(size):
     """A file with the exact keys and shapes of the released DiT-XL/2 checkpoint (from the golden key
     manifest); each tensor is one value broadcast, so the 2.7 GB model is a few KB on disk."""
-    with open(os.path.join(GOLDEN, f"DiT-XL-2-{size}x{size}.keys.json")) as f:
+    with open(os.path.join(GOLDEN_DIR, f"DiT-XL-2-{size}x{size}.keys.json")) as f:
         shapes = json.load(f)
     state = {k: torch.full((), zlib.crc32(k.encode()) % 97 / 97.0).expand(shape) for k, shape in shapes.items()}
     buf = io.BytesIO()
@@ -265,12 +265,6 @@ def test_guidance_at_scale_one_equals_no_guidance(guidance):
     # An interval that holds none of the sampled timesteps turns guidance off.
     outside = _sample(model, Sampler.DPM_SOLVER, 6, cfg_scale=4.0, guidance=guidance, interval=(1000.0, 2000.0))
     torch.testing.assert_close(outside, _sample(model, Sampler.DPM_SOLVER, 6), rtol=1e-5, atol=1e-5)
-
-
-def toy(x, t, y=None, **kw):
-    """The golden README's fixed learned-sigma denoiser."""
-    s = t.float().view(-1, 1, 1, 1) / 1000.0
-    return torch.cat([torch.sin(x + s), torch.tanh(0.5 * x - s)], dim=1)
 
 
 def test_first_order_solver_is_ddim():
