@@ -64,6 +64,12 @@ def scaling_factor(vae):
     return 1.0 if vae is None else float(vae.config.scaling_factor)
 
 
+def downsampling_factor(vae):
+    """Pixels per latent along each side: 2 per down block after the first (8 for the SD
+    autoencoders); 1 in pixel space (vae None)."""
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 @torch.no_grad()
 def decode(vae, z, scaling_factor):
     """
