@@ -12,13 +12,14 @@ checkpoint brings its own model, image size and autoencoder. Runs on a GPU if th
 on the CPU (slowly for DiT-XL/2: use --sampler dpm-solver there).
 """
 import argparse
+import os
 
 import torch
+from PIL import Image
 from torchvision.utils import save_image
 
-from sampling import (CheckpointError, ImageNoise, add_sampling_args, build_model, latent_geometry,
-                      load_checkpoint, resolve_spec, run_script, sample_latents)
-from vae import decode, load_vae, scaling_factor
+from sampling import CheckpointError, ImageNoise, add_sampling_args, load_model, run_script, sample_latents
+from vae import decode
 
 
 def main(args):
@@ -27,43 +28,46 @@ def main(args):
     torch.set_grad_enabled(False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    if args.ckpt is None:
-        if args.model not in (None, "DiT-XL/2"):
-            raise CheckpointError(f"only DiT-XL/2 has released checkpoints: --model {args.model} needs --ckpt")
-        args.ckpt = f"DiT-XL-2-{args.image_size or 256}x{args.image_size or 256}.pt"
-    ckpt = load_checkpoint(args.ckpt)
-    spec = resolve_spec(ckpt, args.model, args.image_size, args.vae, args.num_classes, default_vae="mse")
-    vae = load_vae(spec.vae, device)
-    model = build_model(spec, ckpt, vae, device)
+    loaded = load_model(args, device, default_vae="mse")
+    spec = loaded.spec
     bad = [c for c in args.class_labels if not 0 <= c < spec.num_classes]
     if bad:
         raise CheckpointError(f"--class-labels {bad} are outside the model's {spec.num_classes} classes")
 
     # Image i's noise comes from (seed, i) alone: the same as image i of sample_ddp.py with this seed.
     n = len(args.class_labels)
-    channels, size = latent_geometry(spec, vae)
-    noise = ImageNoise(args.seed, range(n), (channels, size, size), device)
+    noise = ImageNoise(args.seed, range(n), loaded.latent_shape, device)
     y = torch.tensor(args.class_labels, device=device)
-    samples = sample_latents(model, noise, y, args.sampler, args.num_sampling_steps, args.cfg_scale,
+    samples = sample_latents(loaded.model, noise, y, args.sampler, args.num_sampling_steps, args.cfg_scale,
                              args.guidance, args.guidance_interval, progress=True)
-    scale = spec.scaling_factor if spec.scaling_factor is not None else scaling_factor(vae)
-    images = decode(vae, samples, scale)
+    images = decode(loaded.vae, samples, loaded.scaling_factor)
     save_image(images, args.output, nrow=args.nrow, normalize=True, value_range=(-1, 1))
     print(f"saved {n} samples of {spec.model} ({spec.image_size}x{spec.image_size}, {args.sampler}, "
           f"{args.num_sampling_steps} steps, cfg {args.cfg_scale}) to {args.output}")
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     add_sampling_args(parser, cfg_scale=4.0, vae="mse")
     parser.add_argument("--class-labels", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279],
                         help="one image per label (DiT's sample.py classes by default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="sample.png")
+    parser.add_argument("--output", default="sample.png", help="the grid's file; its extension picks the format")
     parser.add_argument("--nrow", type=int, default=4, help="images per row of the grid")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error("--seed must be >= 0")
     if args.nrow < 1:
         parser.error("--nrow must be >= 1")
-    run_script(parser, args, main)
+    # Checked now, not after the whole sampling run.
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        parser.error(f"--output {args.output}: the folder {folder} does not exist")
+    extension = os.path.splitext(args.output)[1].lower()
+    if Image.registered_extensions().get(extension) not in Image.SAVE:  # what save_image can write
+        parser.error(f"--output {args.output}: unknown image extension {extension or '(none)'!r}; use .png or .jpg")
+    return parser, args
+
+
+if __name__ == "__main__":
+    run_script(*parse_args(), main)

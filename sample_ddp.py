@@ -27,9 +27,11 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sampling import (CheckpointError, ImageNoise, add_sampling_args, build_model, latent_geometry,
-                      load_checkpoint, random_labels, resolve_spec, run_script, sample_latents, to_uint8)
-from vae import decode, load_vae, scaling_factor
+from checkpoints import weights_digest
+from files import atomic_write, sweep_temp_files
+from sampling import (CheckpointError, ImageNoise, add_sampling_args, load_model, random_labels, run_script,
+                      sample_latents, to_uint8)
+from vae import decode
 
 
 def run_name(args, spec):
@@ -53,8 +55,7 @@ def write_npz(path, png_paths, labels):
     first = np.asarray(Image.open(png_paths[0]))
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (len(png_paths), *first.shape)}
-    tmp = path + ".tmp"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_write(path) as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, header)
             for p in png_paths:
@@ -63,7 +64,6 @@ def write_npz(path, png_paths, labels):
                 f.write(image.tobytes())
         with zf.open("labels.npy", "w") as f:
             np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
-    os.replace(tmp, path)
 
 
 def main(args):
@@ -73,37 +73,33 @@ def main(args):
     torch.backends.cudnn.allow_tf32 = args.tf32
     torch.set_grad_enabled(False)
 
-    if args.ckpt is None:
-        if args.model not in (None, "DiT-XL/2"):
-            raise CheckpointError(f"only DiT-XL/2 has released checkpoints: --model {args.model} needs --ckpt")
-        args.ckpt = f"DiT-XL-2-{args.image_size or 256}x{args.image_size or 256}.pt"
-    with state.main_process_first():  # one process downloads the checkpoint and autoencoder, the rest wait
-        ckpt = load_checkpoint(args.ckpt)
-        spec = resolve_spec(ckpt, args.model, args.image_size, args.vae, args.num_classes)
-        vae = load_vae(spec.vae, device)
-    model = build_model(spec, ckpt, vae, device)
-    channels, size = latent_geometry(spec, vae)
-    scale = spec.scaling_factor if spec.scaling_factor is not None else scaling_factor(vae)
+    loaded = load_model(args, device, default_vae="ema", first=state.main_process_first)
+    spec = loaded.spec
 
+    # The run folder is keyed on the settings and on the weights' content, not on the file's path: a
+    # checkpoint replaced under the same name must not add its images to another's.
     folder = os.path.join(args.sample_dir, run_name(args, spec))
-    settings = dict(ckpt=os.path.abspath(ckpt.path), model=spec.model, image_size=spec.image_size, vae=spec.vae,
-                    num_classes=spec.num_classes, scaling_factor=scale, sampler=args.sampler,
+    settings = dict(ckpt=os.path.abspath(loaded.ckpt.path), weights_sha256=weights_digest(loaded.ckpt.state_dict),
+                    model=spec.model, image_size=spec.image_size, vae=spec.vae, num_classes=spec.num_classes,
+                    scaling_factor=loaded.scaling_factor, sampler=args.sampler,
                     num_sampling_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale, guidance=args.guidance,
                     guidance_interval=args.guidance_interval, global_seed=args.global_seed)
     settings_path = os.path.join(folder, "settings.json")
     if state.is_main_process:
         os.makedirs(folder, exist_ok=True)
         if not os.path.exists(settings_path):
-            with open(settings_path, "w") as f:
+            with atomic_write(settings_path, "w") as f:
                 json.dump(settings, f, indent=2)
-        for name in os.listdir(folder):  # half-written images of a killed run
-            if name.endswith(".png.tmp"):
-                os.remove(os.path.join(folder, name))
+        sweep_temp_files(folder)  # half-written images of a killed run
     state.wait_for_everyone()
     with open(settings_path) as f:
         previous = json.load(f)
     if previous != json.loads(json.dumps(settings)):
         changed = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
+        if "weights_sha256" in changed:
+            raise CheckpointError(f"{folder} holds samples of other weights (sha256 {previous.get('weights_sha256')}, "
+                                  f"from {previous.get('ckpt')}) than {loaded.ckpt.path} (sha256 "
+                                  f"{settings['weights_sha256']}); use another --sample-dir or remove {folder}")
         raise CheckpointError(f"{folder} holds samples made with other settings ({', '.join(changed)}); "
                               f"use another --sample-dir or remove it")
 
@@ -123,12 +119,12 @@ def main(args):
         batch = mine[k * args.per_proc_batch_size:(k + 1) * args.per_proc_batch_size]
         if batch:
             y = random_labels(args.global_seed, batch, spec.num_classes).to(device)
-            noise = ImageNoise(args.global_seed, batch, (channels, size, size), device)
-            samples = sample_latents(model, noise, y, args.sampler, args.num_sampling_steps, args.cfg_scale,
+            noise = ImageNoise(args.global_seed, batch, loaded.latent_shape, device)
+            samples = sample_latents(loaded.model, noise, y, args.sampler, args.num_sampling_steps, args.cfg_scale,
                                      args.guidance, args.guidance_interval)
-            for i, image in zip(batch, to_uint8(decode(vae, samples, scale))):
-                Image.fromarray(image).save(png(i) + ".tmp", format="PNG")
-                os.replace(png(i) + ".tmp", png(i))  # a PNG under its final name is always complete
+            for i, image in zip(batch, to_uint8(decode(loaded.vae, samples, loaded.scaling_factor))):
+                with atomic_write(png(i)) as f:  # a PNG under its final name is always complete
+                    Image.fromarray(image).save(f, format="PNG")
         done = torch.tensor(len(batch), device=device)
         if world > 1:
             dist.all_reduce(done)
@@ -148,14 +144,20 @@ def main(args):
     state.destroy_process_group()
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     add_sampling_args(parser, cfg_scale=1.5, vae="ema")
     parser.add_argument("--sample-dir", default="samples")
     parser.add_argument("--per-proc-batch-size", type=int, default=32)
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
     parser.add_argument("--global-seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.global_seed < 0 or args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
         parser.error("--global-seed must be >= 0, --per-proc-batch-size and --num-fid-samples >= 1")
-    run_script(parser, args, main)
+    if os.path.exists(args.sample_dir) and not os.path.isdir(args.sample_dir):
+        parser.error(f"--sample-dir {args.sample_dir} is a file, not a folder")
+    return parser, args
+
+
+if __name__ == "__main__":
+    run_script(*parse_args(), main)

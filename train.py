@@ -39,7 +39,7 @@ from tqdm import tqdm
 from diffusion import create_diffusion
 from latents import LatentDataset, collate
 from models import DiT_models
-from sampling import CheckpointError, read_checkpoint
+from checkpoints import CheckpointError, read_checkpoint
 
 # Store metadata that must match for a checkpoint to continue training on a store.
 STORE_IDENTITY = ("vae", "scaling_factor", "image_size", "latent_shape", "num_classes", "class_names",

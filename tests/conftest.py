@@ -12,6 +12,8 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from models import DiT_models  # noqa: E402  (after the path is set)
+
 # Downsampling factor of TINY_VAE_CONFIG: 2 ** (len(block_out_channels) - 1).
 TINY_VAE_DOWN = 2
 TINY_VAE_CONFIG = dict(
@@ -51,6 +53,33 @@ def tiny_vae_path(tmp_path_factory):
         vae.quant_conv.bias[4:] = torch.linspace(-3, 1, 4)
     path = tmp_path_factory.mktemp("tiny_vae")
     vae.save_pretrained(path)
+    return str(path)
+
+
+def randomize(model, seed=0):
+    """Replace every weight by small noise: at its adaLN-Zero init a DiT predicts exactly zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def small_state_dict(in_channels=3, num_classes=10, seed=0):
+    """A named model (DiT-S/8) on 16x16 inputs: 4 tokens, fast enough for the scripts' tests."""
+    return randomize(DiT_models["DiT-S/8"](input_size=16, in_channels=in_channels, num_classes=num_classes),
+                     seed).state_dict()
+
+
+def train_checkpoint(path, ema, vae="none", image_size=16, in_channels=3, input_size=16, scaling_factor=1.0):
+    """A checkpoint in train.py's format (as checkpoints.py writes it), with `model` != `ema`."""
+    torch.save(dict(
+        model={k: v + 1 for k, v in ema.items()}, ema=ema, opt={}, step=100,
+        model_config=dict(model="DiT-S/8", input_size=input_size, in_channels=in_channels, num_classes=10,
+                          learn_sigma=True, class_dropout_prob=0.1),
+        latents=dict(vae=vae, scaling_factor=scaling_factor, image_size=image_size,
+                     latent_shape=[in_channels, input_size, input_size], num_classes=10),
+        train_config=dict(global_batch_size=4)), path)
     return str(path)
 
 

@@ -1,26 +1,26 @@
 """sampling.py, sample.py, sample_ddp.py and diffusion/dpm_solver.py on tiny models (CPU, no network)."""
-import argparse
-import http.server
-import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-import zlib
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import checkpoints
+import sample
 import sampling
-from conftest import GOLDEN_DIR, toy
+from conftest import randomize, small_state_dict, toy, train_checkpoint
 from diffusion import create_diffusion
 from diffusion.dpm_solver import DPMSolver, Spacing, solver_timesteps
 from models import DiT, DiT_models, Guidance
-from sampling import CheckpointError, DownloadError, ImageNoise, Sampler
+from sampling import ImageNoise, Sampler
+from vae import decode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)  # 2 shared cores: no thread oversubscription
@@ -34,36 +34,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def randomize(model, seed=0):
-    """Replace every weight by small noise: at its adaLN-Zero init a DiT predicts exactly zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
-
-
 def tiny_dit(in_channels=4, input_size=8, num_classes=10):
     return randomize(DiT(input_size=input_size, patch_size=2, in_channels=in_channels, hidden_size=64, depth=2,
                          num_heads=4, num_classes=num_classes))
-
-
-def small_state_dict(in_channels=3, num_classes=10, seed=0):
-    """A named model (DiT-S/8) on 16x16 inputs: 4 tokens, fast enough for the scripts' tests."""
-    return randomize(DiT_models["DiT-S/8"](input_size=16, in_channels=in_channels, num_classes=num_classes),
-                     seed).state_dict()
-
-
-def train_checkpoint(path, ema, vae="none", image_size=16, in_channels=3, input_size=16, scaling_factor=1.0):
-    """A checkpoint in train.py's format (the team contract's keys), with `model` != `ema`."""
-    torch.save(dict(
-        model={k: v + 1 for k, v in ema.items()}, ema=ema, opt={}, step=100,
-        model_config=dict(model="DiT-S/8", input_size=input_size, in_channels=in_channels, num_classes=10,
-                          learn_sigma=True, class_dropout_prob=0.1),
-        latents=dict(vae=vae, scaling_factor=scaling_factor, image_size=image_size,
-                     latent_shape=[in_channels, input_size, input_size], num_classes=10),
-        train_config=dict(global_batch_size=4)), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -71,137 +44,6 @@ def plain_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "plain.pt"
     torch.save(small_state_dict(), path)
     return str(path)
-
-
-#################################################################################
-#                               Checkpoint loading                              #
-#################################################################################
-
-
-class _Server(http.server.BaseHTTPRequestHandler):
-    """Serves FILES under /good/<name>; under /cut/<name> announces the full size but sends half."""
-
-    files = {}
-
-    def do_GET(self):
-        mode, name = self.path.strip("/").split("/")
-        data = self.files[name]
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data if mode == "good" else data[: len(data) // 2])
-        self.close_connection = True
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="module")
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Server)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-
-
-def released_like(size):
-    """A file with the exact keys and shapes of the released DiT-XL/2 checkpoint (from the golden key
-    manifest); each tensor is one value broadcast, so the 2.7 GB model is a few KB on disk."""
-    with open(os.path.join(GOLDEN_DIR, f"DiT-XL-2-{size}x{size}.keys.json")) as f:
-        shapes = json.load(f)
-    state = {k: torch.full((), zlib.crc32(k.encode()) % 97 / 97.0).expand(shape) for k, shape in shapes.items()}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
-
-
-def geometry_vae(down=8):
-    """An AutoencoderKL with the SD autoencoders' geometry (4 latent channels, 8x down) and tiny widths."""
-    from diffusers import AutoencoderKL
-
-    n = int(np.log2(down)) + 1
-    return AutoencoderKL(block_out_channels=(4,) * n, down_block_types=("DownEncoderBlock2D",) * n,
-                         up_block_types=("UpDecoderBlock2D",) * n, latent_channels=4, norm_num_groups=2,
-                         layers_per_block=1)
-
-
-def test_download_interrupted_then_complete_and_strict_released_load(server, tmp_path, monkeypatch):
-    name = "DiT-XL-2-256x256.pt"
-    _Server.files = {name: released_like(256)}
-    dest = tmp_path / "pretrained_models"
-    with pytest.raises(DownloadError, match="256x256"):
-        sampling.load_checkpoint(name, dest_dir=str(dest), base_url=server + "/cut")
-    assert os.listdir(dest) == []  # nothing half-written is left, under any name
-    monkeypatch.setenv(sampling.DOWNLOAD_URL_ENV, server + "/good")  # the override the docs mention
-    ckpt = sampling.load_checkpoint(name, dest_dir=str(dest))
-    assert os.listdir(dest) == [name] and (dest / name).read_bytes() == _Server.files[name]
-    monkeypatch.setenv(sampling.DOWNLOAD_URL_ENV, server + "/cut")  # present now: no second download
-    assert sampling.load_checkpoint(name, dest_dir=str(dest)).kind == "released"
-
-    spec = sampling.resolve_spec(ckpt)
-    assert (spec.model, spec.image_size, spec.num_classes) == ("DiT-XL/2", 256, 1000)
-    model = sampling.build_model(spec, ckpt, geometry_vae(), "cpu")
-    assert sum(p.numel() for p in model.parameters()) == 675_129_632
-    assert torch.equal(model.state_dict()["final_layer.linear.bias"], ckpt.state_dict["final_layer.linear.bias"])
-    with pytest.raises(CheckpointError, match="--image-size 512 contradicts .*image size 256"):
-        sampling.resolve_spec(ckpt, image_size=512)
-
-
-def test_released_512_checkpoint_against_256_model_is_a_clear_error(tmp_path):
-    path = tmp_path / "weights.pt"  # a plain state_dict: the flags (here the defaults) decide the model
-    path.write_bytes(released_like(512))
-    ckpt = sampling.load_checkpoint(str(path))
-    assert ckpt.kind == "state_dict"
-    with pytest.raises(CheckpointError, match=r"pos_embed: checkpoint \(1, 1024, 1152\), model \(1, 256, 1152\)"
-                                              r".*holds DiT-XL/2 for 4-channel 64x64 inputs"):
-        sampling.build_model(sampling.resolve_spec(ckpt), ckpt, geometry_vae(), "cpu")
-
-
-def test_train_checkpoint_uses_ema_and_its_config(tmp_path):
-    ema = small_state_dict()
-    ckpt = sampling.load_checkpoint(train_checkpoint(tmp_path / "0000100.pt", ema))
-    spec = sampling.resolve_spec(ckpt)
-    assert (ckpt.kind, spec.model, spec.image_size, spec.vae, spec.num_classes) == ("train", "DiT-S/8", 16, "none", 10)
-    model = sampling.build_model(spec, ckpt, None, "cpu")
-    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
-    assert sampling.resolve_spec(ckpt, model="DiT-S/8", image_size=16, vae="none").model == "DiT-S/8"
-    for flags, message in [(dict(model="DiT-B/8"), "--model DiT-B/8 contradicts .* model DiT-S/8"),
-                           (dict(image_size=32), "--image-size 32 contradicts .* image size 16"),
-                           (dict(vae="ema"), "--vae ema contradicts .* vae none"),
-                           (dict(num_classes=1000), "--num-classes 1000 contradicts .* num classes 10")]:
-        with pytest.raises(CheckpointError, match=message):
-            sampling.resolve_spec(ckpt, **flags)
-
-
-def test_vae_presets_decode_each_other():
-    ckpt = sampling.Checkpoint("x.pt", {}, "train", dict(vae="stabilityai/sd-vae-ft-ema"))
-    assert sampling.resolve_spec(ckpt, vae="mse").vae == "mse"  # same encoder, other decoder: allowed
-    with pytest.raises(CheckpointError, match="--vae some/other contradicts"):
-        sampling.resolve_spec(ckpt, vae="some/other")
-
-
-def test_dit_train_format_with_namespace(tmp_path):
-    ema = small_state_dict()
-    path = tmp_path / "0050000.pt"
-    torch.save(dict(model=ema, ema=ema, opt={}, args=argparse.Namespace(model="DiT-S/8", image_size=16,
-                                                                        num_classes=10, vae="ema")), path)
-    ckpt = sampling.load_checkpoint(str(path))
-    assert ckpt.kind == "dit-train" and ckpt.config == dict(model="DiT-S/8", image_size=16, num_classes=10, vae="ema")
-    with pytest.raises(CheckpointError, match="--model DiT-XL/2 contradicts"):
-        sampling.resolve_spec(ckpt, model="DiT-XL/2")
-
-
-def test_wrong_model_and_missing_file_are_clear_errors(plain_ckpt, tmp_path):
-    ckpt = sampling.load_checkpoint(plain_ckpt)
-    spec = sampling.resolve_spec(ckpt, model="DiT-B/8", image_size=16, vae="none", num_classes=10)
-    with pytest.raises(CheckpointError, match=r"does not fit DiT-B/8 .*holds DiT-S/8 for 3-channel 16x16 inputs"):
-        sampling.build_model(spec, ckpt, None, "cpu")
-    with pytest.raises(CheckpointError, match="no checkpoint at"):
-        sampling.load_checkpoint(str(tmp_path / "nope.pt"))
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read .*junk.pt as a checkpoint: it is corrupt") as e:
-        sampling.load_checkpoint(str(tmp_path / "junk.pt"))
-    assert "weights_only" not in str(e.value)  # torch's advice to unpickle unsafely is not passed on
 
 
 #################################################################################
@@ -415,8 +257,6 @@ def test_sample_ddp_one_vs_two_processes_and_resume(plain_ckpt, tmp_path):
 
 
 def test_sample_py_with_train_checkpoint_and_autoencoder(tiny_vae_path, tmp_path):
-    from PIL import Image
-
     with open(os.path.join(tiny_vae_path, "config.json")) as f:
         size = 16 * 2 ** (len(json.load(f)["block_out_channels"]) - 1)  # image side for 16x16 latents
     ckpt = train_checkpoint(tmp_path / "0000100.pt", small_state_dict(in_channels=4), vae=tiny_vae_path,
@@ -443,5 +283,46 @@ def test_sample_py_on_a_real_train_py_checkpoint(latent_store, tmp_path):
     ckpt = os.path.join(exp, "checkpoints", "0000002.pt")
     out = str(tmp_path / "digits.png")
     p = run(["sample.py", "--ckpt", ckpt, "--class-labels", "0", "1", "2", "--sampler", "dpm-solver",
-             "--num-sampling-steps", "3", "--output", out])
-    assert "DiT-Digits/2" in p.stdout and os.path.getsize(out) > 0
+             "--num-sampling-steps", "3", "--nrow", "3", "--output", out])
+    assert "DiT-Digits/2" in p.stdout
+    # The grid holds exactly what the checkpoint's EMA weights sample for image i's stream.
+    _, args = sample.parse_args(["--ckpt", ckpt])
+    loaded = sampling.load_model(args, "cpu", default_vae="mse")
+    z = sampling.sample_latents(loaded.model, ImageNoise(0, range(3), loaded.latent_shape, "cpu"),
+                                torch.tensor([0, 1, 2]), Sampler.DPM_SOLVER, 3, 4.0)
+    expected = sampling.to_uint8(decode(loaded.vae, z, loaded.scaling_factor))  # [3, 16, 16, 3]
+    grid = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    side = expected.shape[1]
+    for i in range(3):
+        tile = grid[2:2 + side, 2 + i * (side + 2):2 + i * (side + 2) + side]
+        assert np.abs(tile - expected[i]).max() <= 1  # save_image rounds from [0, 1], to_uint8 from [-1, 1]
+
+
+def test_user_errors_come_before_any_work(plain_ckpt, tmp_path):
+    """Bad output paths and step counts are one-line errors at once, not after a sampling run."""
+    common = ["--ckpt", plain_ckpt, "--vae", "none", "--image-size", "16", "--model", "DiT-S/8",
+              "--num-classes", "10"]
+    (tmp_path / "a_file").write_text("")
+    for script, args, message in [
+            ("sample.py", ["--output", str(tmp_path / "missing" / "x.png")], "the folder .*missing does not exist"),
+            ("sample.py", ["--output", str(tmp_path / "x.pngg")], "unknown image extension '.pngg'"),
+            ("sample.py", ["--num-sampling-steps", "0"], "--num-sampling-steps must be in 1..1000, got 0"),
+            ("sample_ddp.py", ["--sample-dir", str(tmp_path / "a_file")], "--sample-dir .*a_file is a file")]:
+        p = run([script] + common + args, expect_ok=False, timeout=60)
+        assert p.returncode == 2 and re.search(message, p.stderr) and "Traceback" not in p.stderr, p.stderr
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_sample_ddp_refuses_to_mix_weights_under_one_path(tmp_path):
+    """A checkpoint replaced under the same path does not add its images to the other weights' .npz."""
+    path, out = tmp_path / "model.pt", str(tmp_path / "samples")
+    torch.save(small_state_dict(seed=0), path)
+    first = checkpoints.weights_digest(small_state_dict(seed=0))
+    run(DDP + ["--ckpt", str(path), "--sample-dir", out, "--num-sampling-steps", "2"])
+    torch.save(small_state_dict(seed=1), path)
+    p = run(DDP + ["--num-fid-samples", "9", "--num-sampling-steps", "2", "--ckpt", str(path), "--sample-dir", out],
+            expect_ok=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"holds samples of other weights (sha256 {first}" in p.stderr
+    assert checkpoints.weights_digest(small_state_dict(seed=1)) in p.stderr
+    assert len(pngs(run_folder(out))) == 7

@@ -1,0 +1,408 @@
+"""
+The checkpoint format, written and read here: train.py's checkpoints (atomic save with pruning,
+RNG states, the compatibility check for resuming), the files the sampling scripts accept (the
+released DiT-XL/2 weights, downloaded and verified; plain state_dicts; DiT's train.py checkpoints;
+ours), and the strict build of a model from them.
+
+    from checkpoints import load_checkpoint, resolve_spec, build_model
+    ckpt = load_checkpoint("DiT-XL-2-256x256.pt")   # downloads into pretrained_models/ if missing
+    spec = resolve_spec(ckpt)                        # model, image size, autoencoder, classes
+    model = build_model(spec, ckpt, vae, "cuda")     # strict load of the (EMA) weights
+
+A train.py checkpoint (`results/NNN-<model>/checkpoints/SSSSSSS.pt`) is a dict of plain data,
+loadable with torch.load(weights_only=True):
+    model, ema       {name: tensor} of the trained and the EMA weights (float32, whole, on the CPU)
+    opt, scheduler   the optimizer's and the learning-rate schedule's state_dicts
+    model_config     DiT_models name and constructor arguments (model, input_size, in_channels, ...)
+    latents          the latent store's meta.json (autoencoder, scaling factor, image size, classes, ...)
+    train_config     train.py's flags
+    step             optimisation steps taken
+    rng_states       every process's RNG states, in rank order
+    parent           the checkpoint this run branched from (None for a run started fresh)
+"""
+import argparse
+import dataclasses
+import glob
+import hashlib
+import http.client
+import os
+import random
+import re
+import urllib.request
+import zipfile
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from files import atomic_write
+from models import DIT_CONFIGS, DiT_models
+from vae import VAE_PRESETS
+
+# The released DiT-XL/2 weights (plain state_dicts of the EMA model) and their image sizes.
+RELEASED_CHECKPOINTS = {"DiT-XL-2-256x256.pt": 256, "DiT-XL-2-512x512.pt": 512}
+DOWNLOAD_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
+DOWNLOAD_URL_ENV = "DIT_DOWNLOAD_URL"  # overrides DOWNLOAD_URL (a mirror, or the tests' local server)
+PRETRAINED_DIR = "pretrained_models"
+CKPT_RE = re.compile(r"^(\d{7,})\.pt$")  # train.py's checkpoint names: the step, 7 digits or more
+
+# Store metadata that must match for a checkpoint to continue training on a store.
+STORE_IDENTITY = ("vae", "scaling_factor", "image_size", "latent_shape", "num_classes", "class_names",
+                  "count", "files_sha1")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be found or read, or does not fit the requested model."""
+
+
+class DownloadError(RuntimeError):
+    """A file could not be downloaded completely, or what came back is not what was asked for."""
+
+
+#################################################################################
+#                                   Download                                    #
+#################################################################################
+
+
+def download(url, dest, verify=None, timeout=60):
+    """
+    Download url to dest, atomically: the bytes go to a temporary file beside dest that becomes dest
+    only once it is complete (its size equals the server's Content-Length) and `verify` accepts it,
+    so neither an interrupted transfer nor a wrong file (an HTML error page, an empty body) is ever
+    left where a later run would trust it.
+
+    :param verify: callable(path) that raises DownloadError when the file is not what it claims to be.
+    :return: dest.
+    :raises DownloadError: on a network error, a short transfer or a rejected file (saying what came back).
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    try:
+        with atomic_write(dest) as f, urllib.request.urlopen(url, timeout=timeout) as response:
+            expected = response.headers.get("Content-Length")
+            if expected is None:
+                raise DownloadError(f"{url} sent no Content-Length: a complete download cannot be told apart")
+            expected, received = int(expected), 0
+            with tqdm(total=expected, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(dest)}") as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            if received != expected:
+                raise DownloadError(f"{url}: the transfer stopped after {received:,} of {expected:,} bytes")
+            if verify is not None:
+                f.flush()
+                try:
+                    verify(f.name)
+                except DownloadError as e:
+                    kind = response.headers.get("Content-Type", "unknown type")
+                    raise DownloadError(f"{url} did not send {os.path.basename(dest)}: got {received:,} bytes "
+                                        f"of {kind}, which {e}; nothing was kept") from e
+    except (OSError, http.client.HTTPException, ValueError) as e:  # URLError is an OSError
+        raise DownloadError(f"cannot download {url}: {e!r}") from e
+    return dest
+
+
+def released_shapes(name):
+    """{key: shape} of the released checkpoint `name`: DiT-XL/2's state_dict, built on the meta device."""
+    with torch.device("meta"):
+        model = DiT_models["DiT-XL/2"](input_size=RELEASED_CHECKPOINTS[name] // 8, num_classes=1000)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_released(name, state_dict):
+    """:return: None if state_dict has exactly the released checkpoint's keys and shapes, else why not."""
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        return f"is a {type(state_dict).__name__}, not a state_dict"
+    found = {k: tuple(v.shape) for k, v in state_dict.items()}
+    expected = released_shapes(name)
+    if found != expected:
+        wrong = sorted(expected.keys() ^ found.keys()) or sorted(k for k in expected if expected[k] != found[k])
+        return f"does not have the released DiT-XL/2 keys and shapes (e.g. {wrong[0]})"
+    return None
+
+
+def fetch_released(name, dest_dir=PRETRAINED_DIR, base_url=None):
+    """
+    Download a released checkpoint into dest_dir, keeping it only if it loads safely as a state_dict
+    with exactly the released model's keys and shapes.
+
+    :param base_url: where the files are; default $DIT_DOWNLOAD_URL or DOWNLOAD_URL.
+    :return: the path of the file.
+    """
+    base_url = base_url or os.environ.get(DOWNLOAD_URL_ENV) or DOWNLOAD_URL
+
+    def verify(path):
+        if not zipfile.is_zipfile(path):
+            raise DownloadError("is not a torch checkpoint (torch.save writes a zip archive)")
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # any unreadable file: HTML, empty, truncated, foreign pickles
+            raise DownloadError(f"is not a torch checkpoint ({_first_line(e)})") from e
+        why = check_released(name, data)
+        if why:
+            raise DownloadError(why)
+
+    return download(base_url.rstrip("/") + "/" + name, os.path.join(dest_dir, name), verify)
+
+
+#################################################################################
+#                                    Reading                                    #
+#################################################################################
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """Weights to sample with, and what the file says about the model they belong to: `config` holds
+    whichever of model, input_size, in_channels, num_classes, learn_sigma, class_dropout_prob,
+    image_size, vae and scaling_factor the file fixes."""
+
+    path: str
+    state_dict: dict  # the EMA weights
+    config: dict
+
+
+def _first_line(e):
+    """The first line of an exception's message, or its type when it has none (torch's EOFError)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def read_checkpoint(path):
+    """torch.load on the CPU with weights_only (safe unpickling), or a CheckpointError saying why not."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise CheckpointError(f"cannot read {path} as a checkpoint: the file is empty (0 bytes)")
+    try:  # DiT's own train.py also stores its argparse.Namespace
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or foreign files
+        why = _first_line(e)
+        if "Weights only load failed" in why:  # torch's advice (weights_only=False) is not ours to give
+            why = "it is corrupt, or pickles objects other than tensors and plain containers"
+        raise CheckpointError(f"cannot read {path} as a checkpoint: {why}") from e
+
+
+def load_checkpoint(spec, dest_dir=PRETRAINED_DIR, base_url=None):
+    """
+    :param spec: a released name (downloaded into dest_dir if not there), or a path to a plain
+                 state_dict, a DiT train.py checkpoint or one of our train.py checkpoints.
+    :return: a Checkpoint.
+    :raises CheckpointError, DownloadError.
+    """
+    name = os.path.basename(spec)
+    released = name in RELEASED_CHECKPOINTS
+    path = spec
+    if released and not os.path.isfile(spec):
+        path = os.path.join(dest_dir, name)
+        if not os.path.isfile(path):
+            path = fetch_released(name, dest_dir, base_url)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {spec!r} (released names: {', '.join(RELEASED_CHECKPOINTS)})")
+    data = read_checkpoint(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a state_dict or checkpoint dict")
+    if released:
+        why = check_released(name, data)
+        if why:
+            raise CheckpointError(f"{path} {why}: it is not the released {name}. Delete it to fetch it again: "
+                                  f"rm {path}")
+        return Checkpoint(path, data, dict(model="DiT-XL/2", image_size=RELEASED_CHECKPOINTS[name],
+                                           num_classes=1000, learn_sigma=True))
+    if all(isinstance(v, torch.Tensor) for v in data.values()):
+        return Checkpoint(path, data, {})
+    if "ema" not in data:
+        raise CheckpointError(f"{path} is neither a state_dict nor a training checkpoint (keys: {sorted(data)[:8]})")
+    if "model_config" in data:  # ours: describes itself
+        config = dict(data["model_config"])
+        meta = data.get("latents") or {}
+        config.update({k: meta[k] for k in ("image_size", "vae", "scaling_factor") if k in meta})
+        return Checkpoint(path, data["ema"], config)
+    args = vars(data["args"]) if isinstance(data.get("args"), argparse.Namespace) else {}
+    config = {k: args[k] for k in ("model", "image_size", "num_classes", "vae") if k in args}
+    return Checkpoint(path, data["ema"], config)
+
+
+def weights_digest(state_dict):
+    """A sha256 of a state_dict's names, dtypes, shapes and values: the identity of a set of weights."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        value = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+#################################################################################
+#                     Reconciling flags and building the model                  #
+#################################################################################
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """Everything needed to build the model and turn its samples into images."""
+
+    model: str
+    image_size: int
+    vae: str
+    num_classes: int
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1  # > 0 gives the label table its null class (needed for guidance)
+    input_size: int = None  # None: image_size over the autoencoder's downsampling factor
+    in_channels: int = None  # None: the autoencoder's latent channels (3 in pixel space)
+    scaling_factor: float = None  # None: the autoencoder's own
+
+
+def _same_vae(a, b):
+    """The ema and mse autoencoders share their encoder (only the decoder was fine-tuned), so
+    latents of one decode with the other, as DiT's --vae choice relies on."""
+    a, b = VAE_PRESETS.get(a, a), VAE_PRESETS.get(b, b)
+    return a == b or {a, b} <= set(VAE_PRESETS.values())
+
+
+def resolve_spec(ckpt, model=None, image_size=None, vae=None, num_classes=None, default_vae="ema"):
+    """
+    Combine what the checkpoint fixes with the command line. Flags left at None take the checkpoint's
+    value, else DiT's default (DiT-XL/2, 256, default_vae, 1000 classes).
+
+    :raises CheckpointError: a flag contradicts the checkpoint (the message names both).
+    """
+    flags = dict(model=model, image_size=image_size, vae=vae, num_classes=num_classes)
+    defaults = dict(model="DiT-XL/2", image_size=256, vae=default_vae, num_classes=1000)
+    cli = dict(model="--model", image_size="--image-size", vae="--vae", num_classes="--num-classes")
+    values = {}
+    for key in flags:
+        fixed, given = ckpt.config.get(key), flags[key]
+        if fixed is not None and given is not None:
+            agree = _same_vae(given, fixed) if key == "vae" else given == fixed
+            if not agree:
+                raise CheckpointError(f"{cli[key]} {given} contradicts the checkpoint {ckpt.path}, which is "
+                                      f"for {key.replace('_', ' ')} {fixed}; drop the flag or pick another checkpoint")
+        values[key] = given if given is not None else fixed if fixed is not None else defaults[key]
+    if values["model"] not in DiT_models:
+        raise CheckpointError(f"unknown model {values['model']!r}; choose from {', '.join(DiT_models)}")
+    if values["num_classes"] < 1:
+        raise CheckpointError("the sampling scripts are for class-conditional models (num_classes >= 1)")
+    extra = {k: ckpt.config[k] for k in ("learn_sigma", "class_dropout_prob", "input_size", "in_channels",
+                                         "scaling_factor")
+             if ckpt.config.get(k) is not None}
+    return ModelSpec(**values, **extra)
+
+
+def _describe(state_dict):
+    """What a DiT state_dict's shapes say about its model (for error messages); None if not a DiT."""
+    try:
+        hidden = state_dict["pos_embed"].shape[-1]
+        _, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
+        depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+        grid = round(state_dict["pos_embed"].shape[1] ** 0.5)
+    except (KeyError, ValueError, AttributeError):
+        return None
+    names = [n for n, (d, w, _, p) in DIT_CONFIGS.items() if (d, w, p) == (depth, hidden, patch)]
+    text = f"{names[0] if names else f'a DiT of depth {depth}, width {hidden}, patch {patch}'} " \
+           f"for {in_channels}-channel {grid * patch}x{grid * patch} inputs"
+    table = state_dict.get("y_embedder.embedding_table.weight")
+    return text + (f" with a {table.shape[0]}-row label table" if table is not None else ", unconditional")
+
+
+def build_model(spec, ckpt, in_channels, input_size, device):
+    """
+    Build spec's model for [in_channels x input_size x input_size] inputs, load the checkpoint's
+    weights strictly and put it in eval mode on device.
+
+    :raises CheckpointError: the weights do not fit (names the checkpoint's apparent model).
+    """
+    try:
+        # On the meta device: no memory and no random initialisation, the checkpoint supplies every value.
+        with torch.device("meta"):
+            model = DiT_models[spec.model](input_size=input_size, in_channels=in_channels,
+                                           num_classes=spec.num_classes, learn_sigma=spec.learn_sigma,
+                                           class_dropout_prob=spec.class_dropout_prob)
+    except ValueError as e:
+        raise CheckpointError(f"cannot build {spec.model} for {input_size}x{input_size} inputs: {e}") from e
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in ckpt.state_dict.items()}
+    if expected != found:
+        missing = sorted(expected.keys() - found.keys())
+        unexpected = sorted(found.keys() - expected.keys())
+        wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+        problems = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                problems.append(f"{len(keys)} {what} (e.g. {keys[0]}"
+                                + (f": checkpoint {found[keys[0]]}, model {expected[keys[0]]})" if what == "wrong shape" else ")"))
+        held = _describe(ckpt.state_dict)
+        raise CheckpointError(
+            f"{ckpt.path} does not fit {spec.model} for {in_channels}-channel {input_size}x{input_size} inputs "
+            f"with {spec.num_classes} classes: {'; '.join(problems)}."
+            + (f" The checkpoint holds {held}." if held else ""))
+    model.load_state_dict(ckpt.state_dict, strict=True, assign=True)
+    return model.to(device, torch.float32).eval().requires_grad_(False)
+
+
+#################################################################################
+#                            Training checkpoints                               #
+#################################################################################
+
+
+def checkpoint_files(ckpt_dir):
+    """{step: path} of the finished checkpoints in ckpt_dir."""
+    found = {}
+    for path in glob.glob(os.path.join(ckpt_dir, "*.pt")):
+        m = CKPT_RE.match(os.path.basename(path))
+        if m:
+            found[int(m.group(1))] = path
+    return found
+
+
+def save_checkpoint(data, ckpt_dir, keep_last, keep_every):
+    """
+    Write a training checkpoint atomically as ckpt_dir/<step>.pt, then prune: keep the `keep_last`
+    latest and every one whose step is a multiple of `keep_every` (0: none). A crash at any point
+    leaves the previous checkpoints intact. :return: the path written.
+    """
+    path = os.path.join(ckpt_dir, f"{data['step']:07d}.pt")
+    with atomic_write(path) as f:
+        torch.save(data, f)
+    kept = sorted(checkpoint_files(ckpt_dir))
+    for s in kept[:-keep_last]:
+        if not (keep_every and s % keep_every == 0):
+            os.remove(os.path.join(ckpt_dir, f"{s:07d}.pt"))
+    return path
+
+
+def check_compatible(ckpt, path, model_config, meta):
+    """Refuse a training checkpoint of another model or another store, naming what differs.
+    :raises CheckpointError."""
+    theirs = ckpt.get("model_config") if isinstance(ckpt, dict) else None
+    if not isinstance(theirs, dict):
+        raise CheckpointError(f"{path} is not a checkpoint of this train.py (no model_config)")
+    diffs = [f"{k}: checkpoint {theirs.get(k)!r}, now {v!r}" for k, v in model_config.items() if theirs.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"{path} is a checkpoint of another model ({'; '.join(diffs)})")
+    stored = ckpt.get("latents") or {}
+    diffs = [f"{k}: checkpoint {stored.get(k)!r}, store {meta.get(k)!r}" for k in STORE_IDENTITY
+             if stored.get(k) != meta.get(k)]
+    if diffs:
+        raise CheckpointError(f"{path} was trained on another latent store ({'; '.join(diffs)})")
+
+
+def rng_state():
+    """This process's RNG states as plain data (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "python": [version, list(internal), gauss_next]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what rng_state returned."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
