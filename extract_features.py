@@ -15,20 +15,28 @@ the images themselves are stored (pixel-space models; flips are exact there).
 Rows follow the sorted ImageFolder order and are cut into fixed shards of --shard-size rows, handed
 to the processes round-robin: the store is the same for any number of processes. A killed run,
 rerun with the same command, continues from the last finished chunk; a finished store is left as it
-is; a store made with other settings is refused. Unreadable images are skipped, logged and listed in
-meta.json. `--fast-dit-path` converts fast-DiT's `*_features/*.npy` + `*_labels/*.npy` folders
-(one frozen flip and posterior sample per image, already scaled by 0.18215) into a store instead.
+is (a damaged shard in it is re-encoded); a store made with other settings or inputs is refused; a
+second run on a store that one is writing stops at once. Each shard's disk space is reserved when it
+is created, so a full disk is an error at the start, not a crash later. Unreadable images, images
+over --max-image-pixels and float images outside [0, 1] are skipped, logged and listed in
+meta.json; 16-bit images are scaled to 8 bits. `--fast-dit-path` converts fast-DiT's
+`*_features/*.npy` + `*_labels/*.npy` folders (one frozen flip and posterior sample per image,
+already scaled by 0.18215) into a store instead.
 """
 import argparse
+import contextlib
+import errno
+import fcntl
 import glob
 import hashlib
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import reduce
+from accelerate.utils import broadcast_object_list, reduce
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -36,27 +44,56 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from tqdm import tqdm
 
 import latents
-from vae import VAEError, center_crop_arr, load_vae, scaling_factor
+from files import DiskFullError, atomic_write, free_bytes, sweep_temp_files
+from latents import StoreError
+from vae import VAEError, center_crop_arr, downsampling_factor, load_vae, scaling_factor
 
 # fast-DiT multiplies its stored latents by this constant (not read from the VAE config).
 FAST_DIT_SCALING_FACTOR = 0.18215
 # Store settings that must match for a rerun to continue an existing store.
 SETTINGS_KEYS = ("format", "source", "vae", "scaling_factor", "image_size", "latent_shape", "dtype",
                  "views", "posterior", "flip", "shard_size", "rows", "files_sha1")
+# Held with flock by the run writing a store (released by the OS when that process ends, even killed).
+LOCK_FILE = ".lock"
+# The white level of the high-bit-depth modes Pillow opens (16-bit PNG and TIFF, float TIFF):
+# Image.convert("RGB") clips these to 255 instead of scaling them (a 16-bit image comes out white).
+WHITE_LEVEL = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "F": 1.0}
 
 
-class StoreError(ValueError):
-    """The input or the output folder cannot be used (empty input, mismatched existing store)."""
+class UnusableImage(Exception):
+    """An image that decodes but is not used (too large, pixels of unknown range): skipped and listed."""
+
+
+def shown(name):
+    """A path or name as printable text: bytes that are not UTF-8 (kept by Python as surrogates, which
+    print() and other JSON readers refuse) become backslash escapes, e.g. caf\\xe9."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def to_rgb(img):
+    """The image as 8-bit RGB: high-bit-depth grayscale scaled from its white level (not clipped).
+    :raises UnusableImage: float pixels outside [0, 1], or 32-bit integer pixels (no known white)."""
+    if img.mode in WHITE_LEVEL:
+        white = WHITE_LEVEL[img.mode]
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = arr.min(), arr.max()
+        if not 0 <= lo <= hi <= white:  # also false for NaN
+            raise UnusableImage(f"{img.mode} pixels in [{lo:g}, {hi:g}], outside [0, {white:g}]")
+        img = Image.fromarray(np.round(arr * (255 / white)).astype(np.uint8), "L")
+    elif img.mode == "I":
+        raise UnusableImage("32-bit integer pixels: no known white level")
+    return img.convert("RGB")
 
 
 class ImageItems(Dataset):
     """Preprocessed images by global index: (index, [3 x S x S] tensor in [-1, 1], error message).
-    An unreadable image gives a zero tensor and a non-empty message instead of an exception, so one
+    An unusable image gives a zero tensor and a non-empty message instead of an exception, so one
     bad file does not stop a long extraction."""
 
-    def __init__(self, files, image_size):
+    def __init__(self, files, image_size, max_pixels):
         self.files = files
         self.image_size = image_size
+        self.max_pixels = max_pixels
         # DiT's training transform without its RandomHorizontalFlip (both orientations are stored).
         self.to_tensor = transforms.Compose([
             transforms.ToTensor(),
@@ -69,11 +106,19 @@ class ImageItems(Dataset):
 
     def __getitem__(self, i):
         try:
-            with Image.open(self.files[i]) as img:
-                x = self.to_tensor(center_crop_arr(img.convert("RGB"), self.image_size))
+            with warnings.catch_warnings():
+                # The size check below replaces Pillow's warning (it would decode such an image anyway).
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(self.files[i]) as img:  # reads the header only: the size is known, not decoded
+                    if img.width * img.height > self.max_pixels:
+                        raise UnusableImage(f"{img.width}x{img.height} = {img.width * img.height:,} pixels, "
+                                            f"over --max-image-pixels {self.max_pixels:,}")
+                    x = self.to_tensor(center_crop_arr(to_rgb(img), self.image_size))
             return i, x, ""
+        except UnusableImage as e:
+            return i, torch.zeros(self.shape), shown(str(e))
         except Exception as e:  # any decoder failure (truncated, not an image, bad header) skips it
-            return i, torch.zeros(self.shape), f"{type(e).__name__}: {e}"
+            return i, torch.zeros(self.shape), shown(f"{type(e).__name__}: {e}")
 
 
 class FastDiTItems(Dataset):
@@ -91,7 +136,27 @@ class FastDiTItems(Dataset):
             x = np.load(self.files[i]).astype(np.float32).reshape(self.shape)
             return i, torch.from_numpy(x), ""
         except Exception as e:  # unreadable or wrongly shaped file: skip it like a corrupt image
-            return i, torch.zeros(self.shape), f"{type(e).__name__}: {e}"
+            return i, torch.zeros(self.shape), shown(f"{type(e).__name__}: {e}")
+
+
+def check_output_path(features_path, input_path):
+    """Refuse, before any work, an output path that cannot become the store.
+    :raises StoreError: it is a file, sits under a file or an unwritable folder, or inside the input."""
+    path = os.path.abspath(features_path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StoreError(f"--features-path {features_path} is a file, not a folder")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise StoreError(f"--features-path {features_path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreError(f"--features-path {features_path}: no permission to write in {parent}")
+    inside = os.path.realpath(path)
+    source = os.path.realpath(input_path)
+    if inside == source or inside.startswith(source + os.sep):
+        raise StoreError(f"--features-path {features_path} is inside the input folder {input_path}: the "
+                         f"store would become part of its own input; choose a folder outside it")
 
 
 def scan_images(data_path):
@@ -109,9 +174,23 @@ def scan_images(data_path):
     return [p for p, _ in samples], [c for _, c in samples], classes
 
 
+def read_fast_dit_label(path):
+    """The one class index in a fast-DiT label file. :raises StoreError: anything else (an object array
+    is refused by np.load, never unpickled)."""
+    try:
+        label = np.load(path)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path} is not a label file ({e}); fast-DiT writes one integer per file") from e
+    if label.size != 1 or not np.issubdtype(label.dtype, np.integer) or label.reshape(-1)[0] < 0:
+        raise StoreError(f"{path} holds {label.dtype} {label.shape} {label.reshape(-1)[:3].tolist()}, "
+                         f"not one class index")
+    return int(label.reshape(-1)[0])
+
+
 def scan_fast_dit(path):
     """fast-DiT's `<path>/<name>_features/*.npy` with labels in `<path>/<name>_labels/*.npy`, paired
-    by file name and ordered by the number in it (fast-DiT names files by step)."""
+    by file name and ordered by the number in it (fast-DiT names files by step).
+    :return: (feature files, labels, latent shape [C, h, w])."""
     feature_dirs = sorted(glob.glob(os.path.join(path, "*_features")))
     if len(feature_dirs) != 1:
         raise StoreError(f"--fast-dit-path {path}: expected exactly one *_features folder, "
@@ -127,15 +206,30 @@ def scan_fast_dit(path):
     if missing:
         raise StoreError(f"{len(missing)} features have no label file in {label_dir} "
                          f"(first: {missing[0]})")
-    labels = [int(np.load(os.path.join(label_dir, n)).reshape(-1)[0]) for n in names]
-    return [os.path.join(feature_dirs[0], n) for n in names], labels
+    labels = [read_fast_dit_label(os.path.join(label_dir, n)) for n in names]
+    files = [os.path.join(feature_dirs[0], n) for n in names]
+    try:
+        latent_shape = list(np.load(files[0], mmap_mode="r").shape[-3:])
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{files[0]} is not a feature array ({e})") from e
+    return files, labels, latent_shape
 
 
 def files_digest(files, labels, root):
-    """Fingerprint of the input listing, so a rerun on a different folder is refused."""
+    """
+    The store's identity of its inputs: each file's path under root, label, size and modification time
+    (whole seconds). A rerun on another folder, or after a file was replaced or edited, is refused
+    instead of mixing old and new contents into one store; the pixels themselves are not hashed (that
+    would read the whole dataset once more).
+    """
     h = hashlib.sha1()
     for f, y in zip(files, labels):
-        h.update(f"{os.path.relpath(f, root)}\t{y}\n".encode())
+        try:
+            st = os.stat(f)
+            size, mtime = st.st_size, int(st.st_mtime)
+        except OSError:  # vanished since the listing: it will be skipped as unreadable
+            size, mtime = -1, -1
+        h.update(os.fsencode(os.path.relpath(f, root)) + f"\t{y}\t{size}\t{mtime}\n".encode())
     return h.hexdigest()
 
 
@@ -146,7 +240,7 @@ def check_existing(path, settings):
     """
     meta_path = os.path.join(path, latents.META_FILE)
     if not os.path.isfile(meta_path):
-        if os.path.isdir(path) and os.listdir(path):
+        if os.path.isdir(path) and set(os.listdir(path)) - {LOCK_FILE}:
             raise StoreError(f"--features-path {path} exists, is not empty and is not a latent store: "
                              f"refusing to write into it")
         return None
@@ -154,9 +248,82 @@ def check_existing(path, settings):
     diff = [f"{k}: store has {meta.get(k)!r}, this run {settings[k]!r}"
             for k in SETTINGS_KEYS if meta.get(k) != settings[k]]
     if diff:
-        raise StoreError(f"--features-path {path} holds a store made with other settings or inputs; "
+        raise StoreError(f"--features-path {path} holds a store made with other settings or inputs "
+                         f"(the inputs' names, sizes or modification times differ when files_sha1 does); "
                          f"choose another folder or delete it.\n  " + "\n  ".join(diff))
     return meta
+
+
+def damaged_shards(path, meta):
+    """{shard index: what is wrong} for the shards of a complete store whose files are damaged."""
+    problems = {k: latents.shard_problem(path, meta, k) for k in range(len(meta["shards"]))}
+    return {k: p for k, p in problems.items() if p}
+
+
+@contextlib.contextmanager
+def store_lock(path, state):
+    """
+    Hold the store's lock file while this run writes it (rank 0 holds it for all processes of the run).
+    The OS releases a flock when its process ends, however it ends, so there is no stale lock.
+
+    :raises StoreError: on every process, when another run holds the lock.
+    """
+    holder, message = None, None
+    if state.is_main_process:
+        os.makedirs(path, exist_ok=True)
+        holder = open(os.path.join(path, LOCK_FILE), "a")
+        try:
+            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder.close()
+            holder = None
+            message = (f"--features-path {path} is being written by another extract_features.py (it holds "
+                       f"{os.path.join(path, LOCK_FILE)}); wait for it to end: this command then finds the "
+                       f"store complete, or continues it if that run was stopped")
+    message = broadcast_object_list([message])[0]
+    if message:
+        raise StoreError(message)
+    try:
+        yield
+    finally:
+        if holder is not None:
+            holder.close()
+
+
+def reserve_space(npy):
+    """
+    Allocate every block of a shard file now. np.lib.format.open_memmap makes a sparse file, which gets
+    its blocks only when the memory map is written: on a full disk that write is a SIGBUS that kills the
+    process without a word. Allocated up front, a full disk is an error here, before any encoding.
+
+    :raises DiskFullError: not enough space (the new file is removed; the message says how much is needed).
+    """
+    fd = os.open(npy, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise DiskFullError(errno.ENOSPC, f"no space left on the device for {npy} ({size / 2**20:,.1f} MiB; "
+                                          f"{free_bytes(npy) / 2**20:,.1f} MiB free there): free some space "
+                                          f"and rerun the same command, which continues from there") from e
+    finally:
+        os.close(fd)
+
+
+def open_shard(npy, shape, dtype, new):
+    """The shard's array as a writable memory map with its space reserved (a new file is created)."""
+    try:
+        if new:
+            arr = np.lib.format.open_memmap(npy, mode="w+", dtype=dtype, shape=shape)
+        reserve_space(npy)
+    except OSError:
+        if new:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(npy)
+        raise
+    return arr if new else np.lib.format.open_memmap(npy, mode="r+")
 
 
 class Encoder:
@@ -181,25 +348,24 @@ class Encoder:
         return out
 
 
-def plan_batches(store, settings, shards, batch_size):
+def plan_batches(store, meta, shards, batch_size):
     """For this process's shards: open (or create) each shard array and its progress, and list the
-    batches still to do; batches never cross a shard, so progress is per shard."""
-    row_shape = (settings["views"], 2 if settings["posterior"] else 1, *settings["latent_shape"])
+    batches still to do; batches never cross a shard, so progress is per shard. A shard whose file
+    is missing or damaged starts again."""
     todo, state = [], {}
     for k in shards:
-        lo = k * settings["shard_size"]
-        n = min(settings["shard_size"], settings["rows"] - lo)
-        npy = os.path.join(store, latents.shard_name(k) + ".npy")
+        lo = k * meta["shard_size"]
+        n = meta["shards"][k]["rows"]
+        npy = os.path.join(store, meta["shards"][k]["file"])
         js = os.path.join(store, latents.shard_name(k) + ".json")
-        progress = latents.read_json(js) if os.path.isfile(js) and os.path.isfile(npy) else None
+        intact = os.path.isfile(js) and latents.shard_problem(store, meta, k) is None
+        progress = latents.read_json(js) if intact else None
+        if progress is not None and "stats" in progress:
+            continue  # finished earlier
+        arr = open_shard(npy, latents.shard_shape(meta, k), meta["dtype"], new=progress is None)
         if progress is None:
-            arr = np.lib.format.open_memmap(npy, mode="w+", dtype=settings["dtype"], shape=(n, *row_shape))
             progress = {"rows": n, "done": 0, "skipped": []}
             latents.write_json_atomic(js, progress)
-        elif "stats" in progress:
-            continue  # finished earlier
-        else:
-            arr = np.lib.format.open_memmap(npy, mode="r+")
         state[k] = (arr, progress, js, lo)
         todo += [list(range(lo + s, lo + min(s + batch_size, n)))
                  for s in range(progress["done"], n, batch_size)]
@@ -213,31 +379,29 @@ def finish_shard(arr, progress, js):
     latents.write_json_atomic(js, progress)
 
 
-def main(args):
-    state = PartialState(cpu=not torch.cuda.is_available())
-    rank, world = state.process_index, state.num_processes
-    log = print if state.is_main_process else (lambda *a, **k: None)
+def read_inputs(args, device):
+    """
+    List the inputs and load what encodes them.
 
+    :return: (items Dataset, files, labels, class names, input root, vae or None, settings dict).
+    """
     if args.fast_dit_path:
-        files, labels = scan_fast_dit(args.fast_dit_path)
+        files, labels, latent_shape = scan_fast_dit(args.fast_dit_path)
         class_names = [str(c) for c in range(max(labels) + 1)]
-        latent_shape = list(np.load(files[0], mmap_mode="r").shape[-3:])
         source, root, vae, sf = "fast-dit", args.fast_dit_path, None, FAST_DIT_SCALING_FACTOR
         items = FastDiTItems(files, latent_shape)
     else:
         files, labels, class_names = scan_images(args.data_path)
         source, root = "images", args.data_path
-        vae = load_vae(args.vae, device=state.device)
+        vae = load_vae(args.vae, device=device)
         sf = scaling_factor(vae)
-        if vae is None:
-            latent_shape = [3, args.image_size, args.image_size]
-        else:
-            down = 2 ** (len(vae.config.block_out_channels) - 1)
-            if args.image_size % down:
-                raise StoreError(f"--image-size {args.image_size} is not a multiple of the "
-                                 f"autoencoder's downsampling factor {down}")
-            latent_shape = [vae.config.latent_channels] + [args.image_size // down] * 2
-        items = ImageItems(files, args.image_size)
+        down = downsampling_factor(vae)
+        if args.image_size % down:
+            raise StoreError(f"--image-size {args.image_size} is not a multiple of the "
+                             f"autoencoder's downsampling factor {down}")
+        channels = 3 if vae is None else vae.config.latent_channels
+        latent_shape = [channels] + [args.image_size // down] * 2
+        items = ImageItems(files, args.image_size, args.max_image_pixels)
     flip = {"images": latents.FLIP_EXACT if vae is None else latents.FLIP_ENCODED,
             "fast-dit": latents.FLIP_NONE}[source]
     settings = {
@@ -247,28 +411,60 @@ def main(args):
         "flip": flip, "shard_size": args.shard_size, "rows": len(files),
         "files_sha1": files_digest(files, labels, root),
     }
+    return items, files, labels, [shown(c) for c in class_names], root, vae, settings
+
+
+def main(args):
+    """Write (or continue) the store args.features_path; :return: its meta dict."""
+    state = PartialState(cpu=not torch.cuda.is_available())
+    log = print if state.is_main_process else (lambda *a, **k: None)
+
+    check_output_path(args.features_path, args.fast_dit_path or args.data_path)
+    items, files, labels, class_names, root, vae, settings = read_inputs(args, state.device)
     existing = check_existing(args.features_path, settings)
-    if existing is not None and existing.get("complete"):
+    if existing is not None and existing.get("complete") and not damaged_shards(args.features_path, existing):
         log(f"{args.features_path} is already complete ({existing['count']} images): nothing to do")
         return existing
-    num_shards = -(-len(files) // args.shard_size)
-    meta = dict(settings, complete=False, data_path=os.path.abspath(root),
-                num_classes=len(class_names), class_names=class_names,
-                shards=[{"file": latents.shard_name(k) + ".npy",
-                         "rows": min(args.shard_size, len(files) - k * args.shard_size)}
-                        for k in range(num_shards)])
-    state.wait_for_everyone()  # every process has checked the folder before anyone writes to it
-    if state.is_main_process:
-        os.makedirs(args.features_path, exist_ok=True)
-        np.save(os.path.join(args.features_path, latents.LABELS_FILE), np.asarray(labels, dtype=np.int64))
-        if existing is None:
+    with store_lock(args.features_path, state):
+        # Read again under the lock: another run may have finished or extended the store meanwhile.
+        existing = check_existing(args.features_path, settings)
+        if existing is not None and existing.get("complete"):
+            damaged = damaged_shards(args.features_path, existing)
+            if not damaged:
+                log(f"{args.features_path} is already complete ({existing['count']} images): nothing to do")
+                return existing
+            for k, problem in damaged.items():
+                log(f"{existing['shards'][k]['file']} {problem}: encoding that shard again")
+        num_shards = -(-len(files) // args.shard_size)
+        meta = dict(settings, complete=False, data_path=shown(os.path.abspath(root)),
+                    num_classes=len(class_names), class_names=class_names,
+                    shards=[{"file": latents.shard_name(k) + ".npy",
+                             "rows": min(args.shard_size, len(files) - k * args.shard_size)}
+                            for k in range(num_shards)])
+        state.wait_for_everyone()  # every process has checked the folder before anyone writes to it
+        if state.is_main_process:
+            for name in sweep_temp_files(args.features_path):
+                log(f"removed {name}, left by a run that was killed")
+            with atomic_write(os.path.join(args.features_path, latents.LABELS_FILE)) as f:
+                np.save(f, np.asarray(labels, dtype=np.int64))
             latents.write_json_atomic(os.path.join(args.features_path, latents.META_FILE), meta)
-    state.wait_for_everyone()
+        state.wait_for_everyone()
+        encoded, secs = encode_shards(args, state, items, files, vae, meta, num_shards)
+        if state.is_main_process:
+            finish_store(args.features_path, meta, root, files, encoded, secs, state.num_processes, log)
+        state.wait_for_everyone()
+    return latents.read_json(os.path.join(args.features_path, latents.META_FILE))
 
-    todo, shards = plan_batches(args.features_path, settings, range(rank, num_shards, world), args.batch_size)
-    log(f"{len(files)} inputs in {len(class_names)} classes -> {args.features_path}: "
-        f"{num_shards} shards over {world} processes; rank 0 has {sum(map(len, todo))} left to encode")
-    encode = Encoder(vae, source)
+
+def encode_shards(args, state, items, files, vae, meta, num_shards):
+    """Encode this process's shards (round-robin) batch by batch, committing progress per batch.
+    :return: (images encoded by all processes in this run, seconds)."""
+    rank, world = state.process_index, state.num_processes
+    todo, shards = plan_batches(args.features_path, meta, range(rank, num_shards, world), args.batch_size)
+    if state.is_main_process:
+        print(f"{len(files)} inputs in {meta['num_classes']} classes -> {args.features_path}: "
+              f"{num_shards} shards over {world} processes; rank 0 has {sum(map(len, todo))} left to encode")
+    encode = Encoder(vae, meta["source"])
     loader = DataLoader(items, batch_sampler=todo, num_workers=args.num_workers,
                         pin_memory=torch.cuda.is_available())
     start, encoded = time.time(), 0
@@ -280,9 +476,9 @@ def main(args):
             ok = torch.tensor([not e for e in errors])
             for i, e in zip(index.tolist(), errors):
                 if e:
-                    progress["skipped"].append({"row": i - lo, "index": i, "path": files[i], "error": e})
+                    progress["skipped"].append({"row": i - lo, "index": i, "path": shown(files[i]), "error": e})
                     if state.is_main_process:
-                        tqdm.write(f"skipping unreadable {files[i]}: {e}")
+                        tqdm.write(f"skipping {shown(files[i])}: {e}")
             if ok.any():
                 rows = encode(x[ok]).cpu().numpy()
                 arr[index[ok].numpy() - lo] = rows
@@ -297,29 +493,29 @@ def main(args):
         if "stats" not in progress:  # a shard whose last batch was done before a kill, not yet summed
             finish_shard(arr, progress, js)
     total = reduce(torch.tensor(float(encoded), device=state.device), "sum").item()
-    state.wait_for_everyone()
-
-    if state.is_main_process:
-        parts = [latents.read_json(os.path.join(args.features_path, latents.shard_name(k) + ".json"))
-                 for k in range(num_shards)]
-        skipped = sorted((s for p in parts for s in p["skipped"]), key=lambda s: s["index"])
-        mean, std = latents.channel_moments([p["stats"] for p in parts], sf)
-        meta.update(complete=True, count=len(files) - len(skipped), channel_mean=mean, channel_std=std,
-                    skipped=[os.path.relpath(s["path"], root) for s in skipped],
-                    skipped_indices=[s["index"] for s in skipped],
-                    bytes_per_image=int(np.prod(latent_shape)) * settings["views"]
-                    * (2 if settings["posterior"] else 1) * np.dtype(args.dtype).itemsize)
-        latents.write_json_atomic(os.path.join(args.features_path, latents.META_FILE), meta)
-        secs = time.time() - start
-        log(f"done: {meta['count']} images stored, {len(skipped)} skipped; this run encoded "
-            f"{int(total)} in {secs:.1f}s ({total / max(secs, 1e-9):.1f} images/s over {world} processes)")
-        for s in skipped:
-            log(f"  skipped {s['path']}: {s['error']}")
-    state.wait_for_everyone()
-    return latents.read_json(os.path.join(args.features_path, latents.META_FILE))
+    return int(total), time.time() - start
 
 
-if __name__ == "__main__":
+def finish_store(path, meta, root, files, encoded, secs, world, log):
+    """Combine the shards' skip lists and statistics into meta.json, marking the store complete."""
+    parts = [latents.read_json(os.path.join(path, latents.shard_name(k) + ".json"))
+             for k in range(len(meta["shards"]))]
+    skipped = sorted((s for p in parts for s in p["skipped"]), key=lambda s: s["index"])
+    mean, std = latents.channel_moments([p["stats"] for p in parts], meta["scaling_factor"])
+    meta = dict(meta, complete=True, count=len(files) - len(skipped), channel_mean=mean, channel_std=std,
+                skipped=[shown(os.path.relpath(files[s["index"]], root)) for s in skipped],
+                skipped_indices=[s["index"] for s in skipped],
+                bytes_per_image=int(np.prod(meta["latent_shape"])) * meta["views"]
+                * (2 if meta["posterior"] else 1) * np.dtype(meta["dtype"]).itemsize)
+    latents.write_json_atomic(os.path.join(path, latents.META_FILE), meta)
+    log(f"done: {meta['count']} images stored, {len(skipped)} skipped; this run encoded "
+        f"{encoded} in {secs:.1f}s ({encoded / max(secs, 1e-9):.1f} images/s over {world} processes)")
+    for s in skipped:
+        log(f"  skipped {s['path']}: {s['error']}")
+
+
+def parse_args(argv=None):
+    """:return: (parser, args); bad values end as parser.error."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--data-path", type=str, help="ImageFolder root: one sub-folder per class")
@@ -333,10 +529,21 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder call (per process)")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--shard-size", type=int, default=16384, help="rows per shard file")
-    args = parser.parse_args()
-    if args.image_size <= 0 or args.batch_size <= 0 or args.shard_size <= 0 or args.num_workers < 0:
-        parser.error("--image-size, --batch-size and --shard-size must be positive, --num-workers >= 0")
+    parser.add_argument("--max-image-pixels", type=int, default=50_000_000,
+                        help="skip (and list) images with more pixels (width x height) than this, so that "
+                             "one image cannot take gigabytes to decode (50M: about 150 MB as 8-bit RGB)")
+    args = parser.parse_args(argv)
+    if min(args.image_size, args.batch_size, args.shard_size, args.max_image_pixels) <= 0 or args.num_workers < 0:
+        parser.error("--image-size, --batch-size, --shard-size and --max-image-pixels must be positive, "
+                     "--num-workers >= 0")
+    return parser, args
+
+
+if __name__ == "__main__":
+    parser, args = parse_args()
     try:
         main(args)
     except (StoreError, VAEError) as e:
         parser.error(str(e))
+    except DiskFullError as e:
+        parser.exit(1, f"{parser.prog}: error: {e.strerror}\n")

@@ -3,7 +3,7 @@ The latent store written by extract_features.py, and the Dataset that trains fro
 
     from latents import LatentDataset, collate
     ds = LatentDataset("features/imagenet256", seed=0)   # DiT's distribution: flip + posterior sample
-    loader = DataLoader(ds, batch_size=256, shuffle=True, collate_fn=collate, num_workers=4)
+    loader = DataLoader(ds, batch_size=256, shuffle=True, num_workers=4)  # collate_fn=collate: faster
     for epoch in range(epochs):
         ds.set_epoch(epoch)
         for x, y in loader: ...                           # x [B, C, H, W] float32, y [B] int64
@@ -22,6 +22,7 @@ Store layout (one folder):
                            or 1, K = 2 (posterior mean, std) or 1 (mean only: pixels, fast-DiT
                            features). Values are the autoencoder's own (unscaled) latents.
     shard-00000.json       progress of that shard: rows done, skipped files, statistics
+    .lock                  held (flock) by the extract_features.py run that writes the store
 Rows of skipped (unreadable) files stay in the shard arrays, zero-filled, and are left out by the
 reader. Shards are fixed ranges of the global order, handed to processes round-robin, so the store
 does not depend on how many processes wrote it.
@@ -32,6 +33,8 @@ import warnings
 
 import numpy as np
 import torch
+
+from files import atomic_write
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -48,19 +51,57 @@ def shard_name(k):
     return f"shard-{k:05d}"
 
 
+class StoreError(ValueError):
+    """A store (or the input of one) cannot be used: unfinished, damaged, or made with other settings."""
+
+
 def write_json_atomic(path, obj):
-    """Write JSON so that readers (and a rerun after a kill) see the old or the new file, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    """Write JSON so that readers (and a rerun after a kill) see the old or the new file, never half.
+    :raises files.DiskFullError: the disk is full (nothing is left behind)."""
+    with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path):
+    """:raises StoreError: the file is not JSON (a damaged store file); FileNotFoundError: missing."""
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except ValueError as e:
+            raise StoreError(f"{path} is damaged (not JSON: {e})") from e
+
+
+def shard_shape(meta, k):
+    """Shape of shard k's array: (rows, views, 2 (mean, std) or 1, C, H, W)."""
+    return (meta["shards"][k]["rows"], meta["views"], 2 if meta["posterior"] else 1, *meta["latent_shape"])
+
+
+def shard_problem(path, meta, k):
+    """
+    Check shard k's file against what meta says it holds, from its header and size (no data read).
+
+    :return: None when it holds the whole array, else what is wrong ("is truncated: ...").
+    """
+    file = os.path.join(path, meta["shards"][k]["file"])
+    shape, dtype = shard_shape(meta, k), np.dtype(meta["dtype"])
+    try:
+        with open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            found_shape, _, found_dtype = read_header(f)
+            header_bytes = f.tell()
+        size = os.path.getsize(file)
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, ValueError) as e:  # numpy raises ValueError for a bad magic string or header
+        return f"is not a .npy array ({e})"
+    if tuple(found_shape) != shape or found_dtype != dtype:
+        return f"holds {found_dtype} {tuple(found_shape)} where the store needs {dtype} {shape}"
+    want = header_bytes + int(np.prod(shape)) * dtype.itemsize
+    if size < want:
+        return f"is truncated: {size:,} of {want:,} bytes"
+    return None
 
 
 def shard_statistics(arr, valid, chunk=1024):
@@ -137,9 +178,13 @@ class LatentDataset(torch.utils.data.Dataset):
                  (seed, e, i), so samples do not depend on workers, batching or process count, and a
                  resumed run sees exactly the samples an uninterrupted one would.
 
-    Batches: `__getitems__(indices)` reads a whole batch in one vectorised read and returns
-    (x [B x C x H x W], y [B]); give the DataLoader `collate_fn=latents.collate`. The memory maps
-    are opened lazily in each process, so DataLoader workers work (fork or spawn).
+    Batches: the DataLoader's `__getitems__(indices)` reads a whole batch in one vectorised read
+    (read_batch) and returns its samples as a list, as the default collate expects;
+    `collate_fn=latents.collate` skips restacking them. The memory maps are opened lazily in each
+    process, so DataLoader workers work (fork or spawn).
+
+    :raises FileNotFoundError: path is not a store. StoreError (a ValueError): the store is
+            unfinished, of another format, or damaged (the message names the file).
     """
 
     def __init__(self, path, flip=True, sample_posterior=True, seed=None):
@@ -155,11 +200,18 @@ class LatentDataset(torch.utils.data.Dataset):
         self.path = path
         self.meta = read_json(meta_path)
         if not self.meta.get("complete"):
-            raise ValueError(f"{path} is an unfinished extraction: rerun the same extract_features.py "
+            raise StoreError(f"{path} is an unfinished extraction: rerun the same extract_features.py "
                              f"command to complete it")
         if self.meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path}: store format {self.meta.get('format')}, this code reads "
+            raise StoreError(f"{path}: store format {self.meta.get('format')}, this code reads "
                              f"{FORMAT_VERSION}")
+        # A damaged shard is found now, not by a read error (or a SIGBUS) hours into training.
+        for k, shard in enumerate(self.meta["shards"]):
+            problem = shard_problem(path, self.meta, k)
+            if problem:
+                raise StoreError(f"{os.path.join(path, shard['file'])} {problem}: the store is damaged; "
+                                 f"rerun the extract_features.py command that made it to re-encode "
+                                 f"that shard")
         if flip and self.meta["flip"] == FLIP_NONE:
             warnings.warn(f"{path} holds no mirror images (converted fast-DiT features): flip=True "
                           f"has no effect, the stored orientation is used", stacklevel=2)
@@ -172,7 +224,16 @@ class LatentDataset(torch.utils.data.Dataset):
         skipped = np.asarray(self.meta["skipped_indices"], dtype=np.int64)
         # Dataset index -> global row, leaving out skipped files.
         self.rows = np.setdiff1d(np.arange(self.meta["rows"], dtype=np.int64), skipped)
-        self.labels = np.load(os.path.join(path, LABELS_FILE))[self.rows]
+        labels_path = os.path.join(path, LABELS_FILE)
+        try:
+            labels = np.load(labels_path)
+        except (OSError, ValueError) as e:  # missing, truncated or not an array
+            raise StoreError(f"{labels_path} is damaged ({e}): rerun the extract_features.py command "
+                             f"that made the store") from e
+        if labels.shape != (self.meta["rows"],) or labels.dtype != np.int64:
+            raise StoreError(f"{labels_path} holds {labels.dtype} {labels.shape}, the store needs int64 "
+                             f"({self.meta['rows']},): rerun the extract_features.py command that made it")
+        self.labels = labels[self.rows]
         assert len(self.rows) == self.meta["count"]
         self._shards = None  # memory maps, opened on first read in each process
 
@@ -193,10 +254,21 @@ class LatentDataset(torch.utils.data.Dataset):
                         for s in self.meta["shards"]]
 
     def __getitem__(self, i):
-        x, y = self.__getitems__([i])
+        x, y = self.read_batch([i])
         return x[0], y[0]
 
     def __getitems__(self, indices):
+        """The DataLoader's batched fetch: the samples of `indices` as a list of (x, y), read in one
+        vectorised read_batch (the default collate stacks them back; collate takes the stack as is)."""
+        return Samples(*self.read_batch(indices))
+
+    def read_batch(self, indices):
+        """
+        The samples of `indices`, stacked: the items are those of __getitem__, read in one pass.
+
+        :param indices: dataset indices (repeats allowed).
+        :return: (x [B x C x H x W] float32, y [B] int64).
+        """
         if self._shards is None:
             self._open()
         idx = np.asarray(indices, dtype=np.int64)
@@ -235,9 +307,24 @@ class LatentDataset(torch.utils.data.Dataset):
         return x, torch.from_numpy(self.labels[idx])
 
 
+class Samples(list):
+    """A list of samples (x [C x H x W], y) that were read as one batch, which it keeps stacked."""
+
+    def __init__(self, x, y):
+        super().__init__(zip(x.unbind(0), y.unbind(0)))  # views into x and y: no copy
+        self.x, self.y = x, y
+
+
 def collate(batch):
-    """DataLoader collate_fn for LatentDataset: batches come already stacked from __getitems__."""
-    return batch
+    """
+    DataLoader collate_fn for LatentDataset: the batch read_batch stacked, without stacking its
+    samples again as the default collate does; anything else goes to the default collate.
+
+    :return: (x [B x C x H x W] float32, y [B] int64).
+    """
+    if isinstance(batch, Samples):
+        return batch.x, batch.y
+    return torch.utils.data.default_collate(batch)
 
 
 def _listdir(path):

@@ -5,8 +5,9 @@ DiT trains in the latent space of Stable Diffusion's fine-tuned KL autoencoders
 (stabilityai/sd-vae-ft-ema and -mse, 8x downsampling, 4 channels) loaded through diffusers'
 AutoencoderKL. `--vae none` everywhere means pixel space: no autoencoder, images in [-1, 1].
 
-    from vae import load_vae, scaling_factor, decode, center_crop_arr
+    from vae import load_vae, scaling_factor, downsampling_factor, decode, center_crop_arr
     vae = load_vae("ema", device="cuda")          # or a hub id, a save_pretrained folder, "none"
+    latent_size = 256 // downsampling_factor(vae)  # 32
     images = decode(vae, z, scaling_factor(vae))  # [N, 3, H, W] in [-1, 1]
 """
 import os

@@ -172,9 +172,10 @@ def bench_extraction(tmp, args):
     for bs in (args.batch_size, 1):
         out = os.path.join(tmp, f"store_bs{bs}")
         start = time.perf_counter()
-        extract_features.main(argparse.Namespace(
-            data_path=root, fast_dit_path=None, features_path=out, image_size=args.image_size,
-            vae=vae_path, dtype="float16", batch_size=bs, num_workers=0, shard_size=16384))
+        _, extract_args = extract_features.parse_args([
+            "--data-path", root, "--features-path", out, "--image-size", str(args.image_size),
+            "--vae", vae_path, "--batch-size", str(bs), "--num-workers", "0"])
+        extract_features.main(extract_args)
         rates[bs] = args.num_images / (time.perf_counter() - start)
     return rates[args.batch_size], rates[1]
 

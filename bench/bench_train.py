@@ -39,9 +39,10 @@ def make_store(root, images, size=32, classes=4):
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
             os.path.join(folder, f"c{i % classes}", f"{i}.png"))
     store = os.path.join(root, "store")
-    extract_features.main(argparse.Namespace(
-        data_path=folder, fast_dit_path=None, features_path=store, image_size=size, vae="none",
-        dtype="float32", batch_size=64, num_workers=0, shard_size=4096))
+    _, store_args = extract_features.parse_args([
+        "--data-path", folder, "--features-path", store, "--image-size", str(size), "--vae", "none",
+        "--dtype", "float32", "--num-workers", "0"])
+    extract_features.main(store_args)
     return store
 
 

@@ -14,8 +14,6 @@ sys.path.insert(0, REPO)
 
 from models import DiT_models  # noqa: E402  (after the path is set)
 
-# Downsampling factor of TINY_VAE_CONFIG: 2 ** (len(block_out_channels) - 1).
-TINY_VAE_DOWN = 2
 TINY_VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
     down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -115,13 +113,13 @@ def image_folder(tmp_path_factory):
 
 
 def extract_args(**overrides):
-    """extract_features.py's arguments as the parser gives them, for calling main() in-process."""
-    import argparse
+    """extract_features.py's arguments through its own parser, for calling main() in-process: the
+    tests' small sizes, then `overrides` (flag names with _ for -, e.g. data_path="...", vae="none")."""
+    import extract_features
 
-    args = dict(data_path=None, fast_dit_path=None, features_path=None, image_size=16, vae="ema",
-                dtype="float16", batch_size=3, num_workers=0, shard_size=4)
-    args.update(overrides)
-    return argparse.Namespace(**args)
+    flags = dict(dict(image_size=16, batch_size=3, num_workers=0, shard_size=4), **overrides)
+    argv = [a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    return extract_features.parse_args(argv)[1]
 
 
 @pytest.fixture(scope="session")

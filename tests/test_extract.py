@@ -13,7 +13,7 @@ from torchvision import transforms
 
 import extract_features
 import latents
-from conftest import TINY_VAE_DOWN, extract_args
+from conftest import extract_args
 from vae import center_crop_arr, load_vae
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,6 @@ def test_store_holds_posterior_of_image_and_mirror(latent_store, tiny_vae_path, 
     meta, rows = store_rows(latent_store)
     assert meta["complete"] and meta["class_names"] == classes and meta["num_classes"] == 3
     assert meta["count"] == len(files) == 10 and meta["rows"] == len(all_files) == 12
-    assert meta["latent_shape"] == [4, 16 // TINY_VAE_DOWN, 16 // TINY_VAE_DOWN]
     assert meta["scaling_factor"] == 0.18215 and meta["dtype"] == "float16"
     assert rows.shape == (12, 2, 2, 4, 8, 8) and rows.dtype == np.float16
     assert meta["bytes_per_image"] == 2 * 2 * 4 * 8 * 8 * 2
@@ -54,6 +53,7 @@ def test_store_holds_posterior_of_image_and_mirror(latent_store, tiny_vae_path, 
     with torch.no_grad():
         post = vae.encode(x).latent_dist
         post_m = vae.encode(x.flip(-1)).latent_dist
+    assert meta["latent_shape"] == list(post.mean.shape[1:]) == [4, 8, 8]
     want = torch.stack([torch.stack([post.mean, post.std], 1),
                         torch.stack([post_m.mean, post_m.std], 1)], 1).numpy()
     index = [all_files.index((f, y)) for f, y in files]
@@ -129,13 +129,13 @@ def test_pixel_mode_round_trips(tmp_path, image_folder):
     assert meta["posterior"] is False and meta["flip"] == latents.FLIP_EXACT
     _, files, _ = valid_files(root, skipped)
     ds = latents.LatentDataset(path, flip=False)
-    x, y = ds.__getitems__(list(range(len(ds))))
+    x, y = ds.read_batch(list(range(len(ds))))
     got = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     want = np.stack([np.asarray(center_crop_arr(Image.open(os.path.join(root, f)).convert("RGB"), 12))
                      for f, _ in files])
     np.testing.assert_array_equal(got, want)
     assert y.tolist() == [c for _, c in files]
-    flipped = latents.LatentDataset(path, flip=True, seed=3).__getitems__(list(range(len(ds))) * 4)[0]
+    flipped = latents.LatentDataset(path, flip=True, seed=3).read_batch(list(range(len(ds))) * 4)[0]
     mirrored = [torch.equal(a, b.flip(-1)) for a, b in zip(flipped, torch.cat([x] * 4))]
     same = [torch.equal(a, b) for a, b in zip(flipped, torch.cat([x] * 4))]
     assert all(m or s for m, s in zip(mirrored, same)) and any(mirrored) and any(same)
@@ -221,6 +221,10 @@ def test_vae_helpers(tmp_path, monkeypatch, tiny_vae_path):
     assert torch.equal(vae_module.decode(None, z, 1.0), z.clamp(-1, 1))
     vae = load_vae(tiny_vae_path)
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+    assert vae_module.downsampling_factor(None) == 1
+    with torch.no_grad():  # the factor is what the encoder really does to a 16x16 image
+        assert vae.encode(torch.zeros(1, 3, 16, 16)).latent_dist.mean.shape[-2:] == \
+            (16 // vae_module.downsampling_factor(vae),) * 2
     latent = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         want = vae.decode(latent).sample.clamp(-1, 1)

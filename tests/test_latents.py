@@ -25,7 +25,7 @@ def stored(path):
 def test_deterministic_views_are_scaled_means(latent_store):
     mean, _ = stored(latent_store)
     ds = latents.LatentDataset(latent_store, flip=False, sample_posterior=False)
-    x, y = ds.__getitems__(list(range(len(ds))))
+    x, y = ds.read_batch(list(range(len(ds))))
     assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape == (10, 4, 8, 8)
     np.testing.assert_allclose(x.numpy(), SF * mean[ds.rows, 0], rtol=1e-6)
     xi, yi = ds[4]
@@ -35,7 +35,7 @@ def test_deterministic_views_are_scaled_means(latent_store):
 def test_flip_picks_the_encoded_mirror(latent_store):
     mean, _ = stored(latent_store)
     ds = latents.LatentDataset(latent_store, flip=True, sample_posterior=False)
-    x, _ = ds.__getitems__([2] * 64)
+    x, _ = ds.read_batch([2] * 64)
     orig, mirror = SF * mean[ds.rows[2], 0], SF * mean[ds.rows[2], 1]
     is_orig = [np.allclose(a, orig, rtol=1e-6) for a in x.numpy()]
     is_mirror = [np.allclose(a, mirror, rtol=1e-6) for a in x.numpy()]
@@ -47,7 +47,7 @@ def test_posterior_samples_have_the_stored_mean_and_std(latent_store):
     mean, std = stored(latent_store)
     ds = latents.LatentDataset(latent_store, flip=False)
     torch.manual_seed(0)
-    x, _ = ds.__getitems__([5] * 4000)
+    x, _ = ds.read_batch([5] * 4000)
     m, s = SF * mean[ds.rows[5], 0], SF * std[ds.rows[5], 0]
     assert s.min() > 0 and not np.allclose(s, s.flat[0])
     z = (x.numpy() - m) / s  # standard normal if x = sf * (mean + std * noise)
@@ -73,11 +73,11 @@ def test_seeded_draws_across_epochs_are_fair_flips_and_standard_normal_noise(lat
 
 def test_seeded_items_do_not_depend_on_batching(latent_store):
     ds = latents.LatentDataset(latent_store, seed=7)
-    batch, _ = ds.__getitems__([3, 0, 9, 3])
+    batch, _ = ds.read_batch([3, 0, 9, 3])
     assert torch.equal(batch[0], batch[3])
     assert torch.equal(ds[9][0], batch[2]) and torch.equal(ds[0][0], batch[1])
     again = latents.LatentDataset(latent_store, seed=7)
-    assert torch.equal(again.__getitems__([9, 3])[0], batch[[2, 0]])
+    assert torch.equal(again.read_batch([9, 3])[0], batch[[2, 0]])
     again.set_epoch(1)
     assert not torch.equal(again[3][0], batch[0])
     assert not torch.equal(latents.LatentDataset(latent_store, seed=8)[3][0], batch[0])
@@ -89,7 +89,7 @@ def test_dataloader_with_workers(latent_store):
     loader = DataLoader(ds, batch_size=4, shuffle=False, num_workers=2, collate_fn=latents.collate)
     xs, ys = zip(*loader)
     assert [len(y) for y in ys] == [4, 4, 2]
-    assert torch.equal(torch.cat(xs), ds.__getitems__(list(range(10)))[0])
+    assert torch.equal(torch.cat(xs), ds.read_batch(list(range(10)))[0])
     assert torch.cat(ys).tolist() == ds.labels.tolist()
 
 
@@ -131,6 +131,6 @@ def test_fast_dit_features_convert_to_a_store(tmp_path):
     assert meta["scaling_factor"] == SF and meta["latent_shape"] == [4, 8, 8]
     with pytest.warns(UserWarning, match="no mirror"):
         ds = latents.LatentDataset(store)
-    got, labels = ds.__getitems__(list(range(12)))  # files 0..11 in numeric order, 10 after 9
+    got, labels = ds.read_batch(list(range(12)))  # files 0..11 in numeric order, 10 after 9
     np.testing.assert_allclose(got.numpy(), x, rtol=1e-3, atol=1e-3)  # float16 storage
     assert labels.tolist() == y.tolist() and meta["num_classes"] == int(y.max()) + 1
