@@ -1,0 +1,418 @@
+"""evaluate.py: the network against pytorch-fid's with the same (random) weights, each metric against
+its closed form, the streaming reader, the CLI end to end, bad inputs and the weights download."""
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from checkpoints import DownloadError
+from evaluate import EvaluationError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+#################################################################################
+#                                  The network                                  #
+#################################################################################
+
+
+def pytorch_fid_network(state_dict):
+    """pytorch-fid's FID Inception (its own blocks and wiring) with the given weights instead of a
+    download, fed already preprocessed input; and its Mixed_6d (the graph's mixed_6)."""
+    import pytorch_fid.inception as pfi
+
+    with mock.patch.object(pfi, "load_state_dict_from_url", return_value=state_dict):
+        net = pfi.InceptionV3([3], resize_input=False, normalize_input=False).eval()
+    return net, net.blocks[2][6]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Random weights in pytorch-fid's format: the state_dict of its fid_inception_v3(), saved as its
+    released file is. Convolutions get He-scaled weights (torch's default init shrinks the signal
+    layer by layer until the features barely depend on the image) and batch norms random statistics,
+    so that every loaded value matters."""
+    import pytorch_fid.inception as pfi
+    import torchvision
+
+    torch.manual_seed(0)
+    state = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008,
+                                            init_weights=False).state_dict()
+    for key, value in state.items():
+        if key.endswith("running_var"):
+            value.uniform_(0.5, 1.5)
+        elif key.endswith("running_mean"):
+            value.uniform_(-0.1, 0.1)
+        elif key.endswith("conv.weight"):
+            value.normal_(0, (2 / value[0].numel()) ** 0.5)
+    with mock.patch.object(pfi, "load_state_dict_from_url", return_value=state):
+        network = pfi.fid_inception_v3()  # a strict load: the keys are exactly pytorch-fid's
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-random.pth"
+    torch.save(network.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def net(weights):
+    return evaluate.load_inception(weights, "cpu")
+
+
+@torch.no_grad()
+def test_features_equal_pytorch_fids_network_on_the_same_input(weights, net):
+    """For 299x299 images (no resize) the port's features equal pytorch-fid's network's on
+    (x - 128) / 128: pool_3, the bias-free logits and mixed_6/conv's first 7 channels in HWC order."""
+    torch.manual_seed(1)
+    images = torch.randint(0, 256, (2, 299, 299, 3), dtype=torch.uint8)
+    pool, spatial, logits = net(images)
+
+    state = torch.load(weights, weights_only=True)
+    theirs, mixed_6 = pytorch_fid_network(state)
+    kept = {}
+    mixed_6.branch1x1.register_forward_hook(lambda m, i, out: kept.update(out=out))
+    expected_pool = theirs((images.permute(0, 3, 1, 2).float() - 128) / 128)[0].flatten(1)
+    out = kept["out"]  # (N, 192, 17, 17)
+    expected_spatial = torch.stack([out[:, c, h, w] for h in range(17) for w in range(17) for c in range(7)], 1)
+
+    assert pool.shape == (2, 2048) and spatial.shape == (2, 2023) and logits.shape == (2, 1008)
+    assert pool.std() > 0.1 and spatial.std() > 0.1  # features that depend on the image
+    # float32 noise only: features are O(1-10), and the two runs lay memory out differently.
+    torch.testing.assert_close(pool, expected_pool, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(spatial, expected_spatial, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, expected_pool @ state["fc.weight"].T, rtol=1e-4, atol=1e-4)
+
+
+def tf1_resize(images, size):
+    """TensorFlow 1's ResizeBilinear (align_corners=False), written out: output pixel i reads input
+    position i * in / out, interpolating between floor and floor + 1 (clamped at the edge).
+    :param images: [N x H x W x C] float64 numpy."""
+    def axis(n_in):
+        pos = np.arange(size) * (n_in / size)
+        lo = np.floor(pos).astype(int)
+        return lo, np.minimum(lo + 1, n_in - 1), pos - lo
+
+    (y0, y1, fy), (x0, x1, fx) = axis(images.shape[1]), axis(images.shape[2])
+    rows = images[:, y0] * (1 - fy)[None, :, None, None] + images[:, y1] * fy[None, :, None, None]
+    return rows[:, :, x0] * (1 - fx)[None, None, :, None] + rows[:, :, x1] * fx[None, None, :, None]
+
+
+@torch.no_grad()
+def test_small_images_are_resized_as_tensorflow_1_does(weights, net):
+    """A 40x40 image's features are those of TF1's bilinear resize to 299, then (x - 128) / 128; torch's
+    default half-pixel resize would give other features."""
+    torch.manual_seed(2)
+    images = torch.randint(0, 256, (1, 40, 40, 3), dtype=torch.uint8)
+    pool = net(images)[0]
+    theirs, _ = pytorch_fid_network(torch.load(weights, weights_only=True))
+    resized = torch.from_numpy(tf1_resize(images.double().numpy(), 299)).float().permute(0, 3, 1, 2)
+    torch.testing.assert_close(pool, theirs((resized - 128) / 128)[0].flatten(1), rtol=1e-4, atol=1e-4)
+    half_pixel = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2).float(), size=(299, 299), mode="bilinear")
+    assert (pool - theirs((half_pixel - 128) / 128)[0].flatten(1)).abs().max() > 1e-2
+
+
+#################################################################################
+#                                    Metrics                                    #
+#################################################################################
+
+
+def closed_form_fd(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), through symmetric eigendecompositions."""
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    return (mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+
+
+def test_frechet_distance_of_a_set_to_itself_is_zero():
+    x = np.random.default_rng(0).standard_normal((300, 24)) * 3 + 1
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+
+
+def test_frechet_distance_matches_the_closed_form_for_gaussians():
+    rng = np.random.default_rng(1)
+    # Diagonal covariances: |mu1 - mu2|^2 + sum (sqrt(s1) - sqrt(s2))^2.
+    mu1, mu2, s1, s2 = rng.standard_normal(6), rng.standard_normal(6), rng.uniform(0.5, 3, 6), rng.uniform(0.5, 3, 6)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum()
+    assert evaluate.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-10)
+    # Covariances that do not commute.
+    a, b = rng.standard_normal((16, 16)), rng.standard_normal((16, 16))
+    sigma1, sigma2 = a @ a.T + 0.1 * np.eye(16), b @ b.T + 0.1 * np.eye(16)
+    assert evaluate.frechet_distance(mu1[:1].repeat(16), sigma1, mu2[:1].repeat(16), sigma2) == pytest.approx(
+        closed_form_fd(mu1[:1].repeat(16), sigma1, mu2[:1].repeat(16), sigma2), rel=1e-8)
+
+
+def test_frechet_distance_falls_back_to_an_offset_when_the_root_is_not_finite(monkeypatch, capsys):
+    """ADM's fallback: a non-finite sqrtm result is recomputed with eps on both diagonals."""
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((8, 8)), rng.standard_normal((8, 8))
+    sigma1, sigma2, mu = a @ a.T, b @ b.T, np.zeros(8)
+    real_sqrtm, calls = evaluate.linalg.sqrtm, []
+
+    def first_call_fails(m):
+        calls.append(m)
+        return np.full_like(m, np.inf) if len(calls) == 1 else real_sqrtm(m)
+
+    monkeypatch.setattr(evaluate.linalg, "sqrtm", first_call_fails)
+    eps = 1e-2  # large enough for the offset to show in the figure
+    fd = evaluate.frechet_distance(mu, sigma1, mu, sigma2, eps=eps)
+    offset = eps * np.eye(8)
+    assert len(calls) == 2 and "singular" in capsys.readouterr().err
+    expected = np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(real_sqrtm((sigma1 + offset) @ (sigma2 + offset)).real)
+    assert fd == pytest.approx(expected, rel=1e-10)
+
+
+def test_moments_streamed_in_batches_equal_numpys_mean_and_cov():
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((103, 12)) + 1e4)  # a large mean
+    moments = evaluate.Moments()
+    for part in x.split(10):
+        moments.add(part)
+    mu, sigma = moments.result()
+    np.testing.assert_allclose(mu, x.numpy().mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x.numpy(), rowvar=False), rtol=1e-9, atol=1e-9)
+
+
+def test_inception_score_uniform_is_one_and_confident_over_k_classes_is_k():
+    assert evaluate.inception_score(torch.full((100, 1008), 1 / 1008)) == pytest.approx(1.0, abs=1e-9)
+    one_hot = torch.nn.functional.one_hot(torch.arange(10_000) % 8, 32).float()  # 0 log 0 everywhere else
+    assert evaluate.inception_score(one_hot) == pytest.approx(8.0, rel=1e-9)
+    # Splits of 5000 are scored apart and averaged: confident over 4 classes, then uniform.
+    mixed = torch.cat([torch.nn.functional.one_hot(torch.arange(5000) % 4, 32).float(), torch.full((5000, 32), 1 / 32)])
+    assert evaluate.inception_score(mixed) == pytest.approx((4 + 1) / 2, rel=1e-9)
+
+
+def test_precision_recall_of_a_set_with_itself_is_one_and_far_apart_sets_zero():
+    x = torch.randn(60, 32, generator=torch.Generator().manual_seed(4))
+    assert evaluate.precision_recall(x, x.clone()) == (1.0, 1.0)
+    assert evaluate.precision_recall(x, x + 1000) == (0.0, 0.0)
+
+
+def test_precision_recall_on_a_worked_example():
+    """1-D, k = 3. Reference 0..3: radii 3, 2, 2, 3 (distances), so its manifold is [-3, 6]; only the
+    sample at 5 is inside (precision 1/4). Samples 5, 10, 20, 21: the ball around 5 has radius 16 and
+    holds every reference (recall 1)."""
+    ref = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    sample = torch.tensor([[5.0], [10.0], [20.0], [21.0]])
+    torch.testing.assert_close(evaluate.knn_radii(ref), torch.tensor([9.0, 4.0, 4.0, 9.0]))
+    assert evaluate.precision_recall(ref, sample) == (0.25, 1.0)
+
+
+def test_precision_recall_in_blocks_equal_the_whole_distance_matrix():
+    """Blocked radii and membership (memory bounded at any size) give what the full matrices give."""
+    g = torch.Generator().manual_seed(5)
+    ref, sample = torch.randn(37, 8, generator=g, dtype=torch.float64), torch.randn(53, 8, generator=g, dtype=torch.float64) + 0.3
+    d_ref, d_sample, d_cross = torch.cdist(ref, ref) ** 2, torch.cdist(sample, sample) ** 2, torch.cdist(ref, sample) ** 2
+    r_ref, r_sample = d_ref.sort(1).values[:, 3], d_sample.sort(1).values[:, 3]
+    precision = (d_cross <= r_ref[:, None]).any(0).double().mean().item()
+    recall = (d_cross <= r_sample[None]).any(1).double().mean().item()
+    assert 0.2 < precision < 1 and 0.2 < recall < 1  # a case where membership is decided row by row
+    torch.testing.assert_close(evaluate.knn_radii(ref, block=5), r_ref)
+    assert evaluate.precision_recall(ref, sample, block=5) == pytest.approx((precision, recall), abs=1e-12)
+    assert evaluate.precision_recall(ref, sample, block=7) == evaluate.precision_recall(ref, sample)
+
+
+#################################################################################
+#                                Reading batches                                #
+#################################################################################
+
+
+def images(n, size, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_image_batches_stream_arr_0(tmp_path, save):
+    arr, path = images(7, 5), str(tmp_path / "b.npz")
+    save(path, arr_0=arr, labels=np.arange(7))
+    batches = list(evaluate.image_batches(path, 3))
+    assert [len(b) for b in batches] == [3, 3, 1] and np.array_equal(np.concatenate(batches), arr)
+    assert evaluate.inspect_batch(path).shape == (7, 5, 5, 3)
+
+
+def test_truncated_npz_is_an_error(tmp_path):
+    path = tmp_path / "b.npz"
+    np.savez(path, arr_0=images(20, 16))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EvaluationError, match="not an .npz|corrupt|truncated"):
+        list(evaluate.image_batches(str(path), 4))
+
+
+def bad_inputs(tmp_path):
+    """(arguments, part of the one-line message) for inputs evaluate.py refuses."""
+    good = str(tmp_path / "good.npz")
+    np.savez(good, arr_0=images(4, 8))
+    cases = []
+
+    def npz(name, **arrays):
+        path = str(tmp_path / name)
+        np.savez(path, **arrays)
+        return path
+
+    text = tmp_path / "notes.npz"
+    text.write_text("not a zip")
+    cases.append(([str(text), good], "is not an .npz file"))
+    cases.append(([str(tmp_path / "missing.npz"), good], "no such file"))
+    cases.append(([good, npz("labels.npz", labels=np.arange(4))], "has no arr_0"))
+    cases.append(([good, npz("float.npz", arr_0=images(4, 8).astype(np.float32))], "must be uint8"))
+    cases.append(([good, npz("nchw.npz", arr_0=images(4, 8).transpose(0, 3, 1, 2))], "NHWC"))
+    cases.append(([good, npz("one.npz", arr_0=images(1, 8))], "at least 2"))
+    cases.append(([npz("part.npz", arr_0=images(4, 8), mu=np.zeros(2048)), good], "need all four"))
+    stats = dict(mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    cases.append(([good, npz("stats.npz", **stats)], "the Inception Score and precision need"))
+    cases.append((["--save-stats", good, good], "would overwrite"))
+    return cases
+
+
+def test_bad_inputs_are_one_line_errors_before_any_network_work(tmp_path):
+    for argv, message in bad_inputs(tmp_path):
+        _, args = evaluate.parse_args(argv + ["--inception", str(tmp_path / "never-read.pth")])
+        with pytest.raises(EvaluationError, match=message) as e:
+            evaluate.main(args)
+        assert "\n" not in str(e.value)
+
+
+def test_cli_reports_a_bad_input_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_text("<html>not found</html>")
+    good = str(tmp_path / "good.npz")
+    np.savez(good, arr_0=images(3, 8))
+    p = subprocess.run([sys.executable, "evaluate.py", str(bad), good], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("evaluate.py: error: ") and "is not an .npz file" in last
+
+
+def test_wrong_statistics_shapes_and_unreadable_weights_are_errors(tmp_path, weights):
+    path = str(tmp_path / "stats.npz")
+    np.savez(path, mu=np.zeros(10), sigma=np.eye(10), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    with pytest.raises(EvaluationError, match=r"mu, sigma are \(10,\)"):
+        evaluate.read_stats(path)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\0" * 100)
+    with pytest.raises(EvaluationError, match="cannot read .* as Inception weights"):
+        evaluate.load_inception(str(junk), "cpu")
+    other = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(3)}, other)
+    with pytest.raises(EvaluationError, match="not the Inception network in pytorch-fid's layout"):
+        evaluate.load_inception(str(other), "cpu")
+
+
+#################################################################################
+#                                 End to end                                    #
+#################################################################################
+
+
+def test_cli_end_to_end_writes_the_json_and_reuses_saved_statistics(tmp_path, weights, monkeypatch, capsys):
+    """Reference (4 images, 16x16) and samples (4, 24x24) through the CLI's parser and main: ADM's five
+    lines, the JSON beside the samples; FID on pool statistics, sFID on spatial ones; --save-stats
+    writes the very statistics scoring uses, and a statistics-only reference is scored with them.
+    scipy's sqrtm takes a minute on 2048 x 2048 on this machine, so the distance is recorded and
+    replaced here (the metric tests check it)."""
+    ref, samples = str(tmp_path / "ref.npz"), str(tmp_path / "run.npz")
+    np.savez(ref, arr_0=images(4, 16, seed=1))
+    np.savez(samples, arr_0=images(4, 24, seed=2), labels=np.arange(4))
+    calls = []
+
+    def recorded_fd(mu1, sigma1, mu2, sigma2):
+        calls.append((mu1, sigma1, mu2, sigma2))
+        return float(len(mu1)) + 0.5
+
+    monkeypatch.setattr(evaluate, "frechet_distance", recorded_fd)
+    common = ["--inception", weights, "--device", "cpu", "--batch-size", "3"]
+
+    evaluate.main(evaluate.parse_args([ref, samples, *common])[1])
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    assert "16x16, the samples 24x24" in err
+    record = json.loads((tmp_path / "run.eval-ref.json").read_text())
+    assert record["fid"] == 2048.5 and record["sfid"] == 2023.5 and lines[1] == "FID: 2048.5"
+    assert 1 <= record["inception_score"] <= 1008 and 0 <= record["precision"] <= 1 and 0 <= record["recall"] <= 1
+    assert (record["num_samples"], record["num_reference"], record["sample_size"], record["reference_size"]) == \
+        (4, 4, [24, 24], [16, 16])
+    assert record["reference_stats"] == record["sample_stats"] == "computed"
+    assert record["settings"]["inception_sha256"] == hashlib.sha256(open(weights, "rb").read()).hexdigest()
+    assert record["samples"] == samples and record["reference"] == ref
+    ref_mu, ref_sigma = calls[0][2], calls[0][3]
+    assert ref_sigma.shape == (2048, 2048) and calls[1][2].shape == (2023,)
+
+    stats = str(tmp_path / "ref_stats.npz")
+    evaluate.main(evaluate.parse_args(["--save-stats", stats, ref, *common])[1])
+    with np.load(stats) as saved:
+        assert sorted(saved.files) == ["mu", "mu_s", "sigma", "sigma_s"]
+        np.testing.assert_array_equal(saved["mu"], ref_mu)
+        np.testing.assert_array_equal(saved["sigma"], ref_sigma)
+        np.testing.assert_array_equal(saved["mu_s"], calls[1][2])
+
+    evaluate.main(evaluate.parse_args([stats, samples, *common, "--output", str(tmp_path / "scores.json")])[1])
+    out, err = capsys.readouterr()
+    record = json.loads((tmp_path / "scores.json").read_text())
+    assert record["reference_stats"] == "precomputed" and record["num_reference"] is None
+    assert record["precision"] is None and "Precision: not computed" in out and "statistics only" in err
+    np.testing.assert_array_equal(calls[-2][2], ref_mu)  # the FID used the saved reference statistics
+
+
+#################################################################################
+#                                   Download                                    #
+#################################################################################
+
+
+class _Server(http.server.BaseHTTPRequestHandler):
+    files, requests = {}, []
+
+    def do_GET(self):
+        name = self.path.strip("/")
+        self.requests.append(name)
+        data = self.files[name]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Server)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_weights_are_kept_only_when_their_digest_matches_their_name(server, tmp_path, monkeypatch):
+    data = os.urandom(5000)
+    good = f"weights-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    _Server.files.update({good: data, "weights-0badc0de.pth": data, evaluate.INCEPTION_NAME: b"<html>moved</html>"})
+
+    path = evaluate.fetch_inception(good, str(tmp_path), base_url=server)
+    assert open(path, "rb").read() == data
+    asked = len(_Server.requests)
+    assert evaluate.fetch_inception(good, str(tmp_path), base_url=server) == path and len(_Server.requests) == asked
+
+    with pytest.raises(DownloadError, match="where its name promises 0badc0de"):
+        evaluate.fetch_inception("weights-0badc0de.pth", str(tmp_path), base_url=server)
+    monkeypatch.setenv(evaluate.INCEPTION_URL_ENV, server)  # the mirror variable is where the default comes from
+    with pytest.raises(DownloadError, match=f"{server}/{evaluate.INCEPTION_NAME}"):
+        evaluate.fetch_inception(dest_dir=str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [good]  # nothing else kept, no temporary files
