@@ -379,7 +379,7 @@ def finish_shard(arr, progress, js):
     latents.write_json_atomic(js, progress)
 
 
-def read_inputs(args, device):
+def read_inputs(args, state):
     """
     List the inputs and load what encodes them.
 
@@ -393,7 +393,7 @@ def read_inputs(args, device):
     else:
         files, labels, class_names = scan_images(args.data_path)
         source, root = "images", args.data_path
-        vae = load_vae(args.vae, device=device)
+        vae = load_vae(args.vae, device=state.device)
         sf = scaling_factor(vae)
         down = downsampling_factor(vae)
         if args.image_size % down:
@@ -409,7 +409,9 @@ def read_inputs(args, device):
         "image_size": args.image_size, "latent_shape": latent_shape, "dtype": args.dtype,
         "views": 2 if flip == latents.FLIP_ENCODED else 1, "posterior": vae is not None,
         "flip": flip, "shard_size": args.shard_size, "rows": len(files),
-        "files_sha1": files_digest(files, labels, root),
+        # One stat() per input file, on rank 0 only: the file server answers once, not once per process.
+        "files_sha1": broadcast_object_list([files_digest(files, labels, root) if state.is_main_process
+                                             else None])[0],
     }
     return items, files, labels, [shown(c) for c in class_names], root, vae, settings
 
@@ -420,7 +422,7 @@ def main(args):
     log = print if state.is_main_process else (lambda *a, **k: None)
 
     check_output_path(args.features_path, args.fast_dit_path or args.data_path)
-    items, files, labels, class_names, root, vae, settings = read_inputs(args, state.device)
+    items, files, labels, class_names, root, vae, settings = read_inputs(args, state)
     existing = check_existing(args.features_path, settings)
     if existing is not None and existing.get("complete") and not damaged_shards(args.features_path, existing):
         log(f"{args.features_path} is already complete ({existing['count']} images): nothing to do")

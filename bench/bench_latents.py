@@ -4,11 +4,11 @@ Latent store speed: reading for training, and extraction with batches.
     python bench/bench_latents.py            # about 1-2 minutes on a 2-core CPU
     python bench/bench_latents.py --quick    # smaller sizes, a smoke run
 
-Reading: samples/s through a shuffled DataLoader (batch 256, no workers) from a LatentDataset as
-train.py makes it (seeded, random flip of two encoded views, fresh posterior sample, float16 store of
-ImageNet-256-shaped latents 4x32x32), against the same latents laid out as fast-DiT does (one
-float32 .npy per image and one per label, np.load per item, default collate), both from the page
-cache (the most favourable case for many small files).
+Reading: samples/s through a shuffled DataLoader as users write it (batch 256, default collate, no
+workers) from a LatentDataset as train.py makes it (seeded, random flip of two encoded views, fresh
+posterior sample, float16 store of ImageNet-256-shaped latents 4x32x32), against the same latents
+laid out as fast-DiT does (one float32 .npy per image and one per label, np.load per item), both
+from the page cache (the most favourable case for many small files).
 
 The same two readers are also timed first with both layouts evicted from the page cache
 (posix_fadvise DONTNEED), as in a first epoch over a dataset larger than RAM.
@@ -132,8 +132,7 @@ def bench_reading(tmp, args):
     del mean, std, frozen
 
     def loader(ds):
-        return DataLoader(ds, batch_size=256, shuffle=True, num_workers=0,
-                          collate_fn=latents.collate if isinstance(ds, latents.LatentDataset) else None)
+        return DataLoader(ds, batch_size=256, shuffle=True, num_workers=0)
 
     # Cold first: evict both layouts from the page cache, as in a first epoch over a dataset larger
     # than RAM; then read every file once so the warm runs find everything cached.

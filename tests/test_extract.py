@@ -1,9 +1,14 @@
-"""extract_features.py: what it stores, under one and two processes, after a kill, on bad input."""
+"""extract_features.py: what it stores, under one and two processes, after a kill, on a full disk,
+from odd image files, on bad input and output paths, and with a second run on the same store."""
+import errno
 import filecmp
 import json
 import os
+import shutil
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -75,7 +80,8 @@ def test_store_holds_posterior_of_image_and_mirror(latent_store, tiny_vae_path, 
 def test_corrupt_files_are_skipped_and_named(latent_store, image_folder):
     meta, rows = store_rows(latent_store)
     assert meta["skipped"] == image_folder[1]
-    assert len(meta["skipped_indices"]) == 2
+    _, _, all_files = valid_files(*image_folder)
+    assert meta["skipped_indices"] == [[f for f, _ in all_files].index(s) for s in image_folder[1]]
     assert not rows[meta["skipped_indices"]].any()  # their rows stay empty
     ds = latents.LatentDataset(latent_store)
     assert len(ds) == 10 and not set(ds.rows) & set(meta["skipped_indices"])
@@ -93,8 +99,8 @@ def test_finished_store_is_left_alone(latent_store, tiny_vae_path, image_folder,
 @pytest.mark.parametrize("change", [dict(image_size=8), dict(vae="none"), dict(dtype="float32"),
                                     dict(shard_size=5)])
 def test_store_with_other_settings_is_refused(latent_store, tiny_vae_path, image_folder, change):
-    args = extract_args(data_path=image_folder[0], features_path=latent_store, vae=tiny_vae_path)
-    vars(args).update(change)
+    args = extract_args(**dict(dict(data_path=image_folder[0], features_path=latent_store, vae=tiny_vae_path),
+                               **change))
     before = open(os.path.join(latent_store, "meta.json")).read()
     with pytest.raises(extract_features.StoreError, match=next(iter(change))):
         extract_features.main(args)
@@ -114,10 +120,182 @@ def test_bad_inputs_are_clear_errors(tmp_path, image_folder):
     with pytest.raises(extract_features.StoreError, match="not a latent store"):
         extract_features.main(extract_args(data_path=image_folder[0],
                                            features_path=str(tmp_path / "other"), vae="none"))
+    assert os.listdir(tmp_path / "other") == ["mine.txt"]  # not even a lock file written into it
+    with pytest.raises(SystemExit):
+        extract_args(data_path=image_folder[0], features_path=str(tmp_path / "s"), max_image_pixels=0)
     cli = subprocess.run([sys.executable, "extract_features.py", "--data-path", str(tmp_path / "empty"),
                           "--features-path", str(tmp_path / "s"), "--vae", "none"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert cli.returncode == 2 and "error: --data-path" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def test_bad_output_paths_fail_before_any_work(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the VAE cannot load: an error about it means work began
+    (tmp_path / "afile").write_text("precious")
+    cli = subprocess.run([sys.executable, "extract_features.py", "--data-path", image_folder[0],
+                          "--features-path", str(tmp_path / "afile"), "--vae", "nobody/no-such-vae"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert cli.stderr.strip().splitlines()[-1].endswith(f"--features-path {tmp_path / 'afile'} is a file, not a folder")
+    for store, why in [(tmp_path / "afile" / "store", "is a file, not a folder"),
+                       (os.path.join(image_folder[0], "features"), "inside the input folder"),
+                       (image_folder[0], "inside the input folder")]:
+        with pytest.raises(extract_features.StoreError, match=why):
+            extract_features.main(extract_args(data_path=image_folder[0], features_path=str(store),
+                                               vae="nobody/no-such-vae"))
+    assert (tmp_path / "afile").read_text() == "precious"
+    assert sorted(os.listdir(image_folder[0])) == ["ant", "bee", "cat"]
+
+
+def png(path, width, height, depth, color, rows):
+    """A PNG written byte by byte (independent of Pillow's writer): depth 8 or 16, color 0 (gray) or
+    2 (RGB), rows an iterable of each row's big-endian sample bytes, compressed as they come."""
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + data)))
+    deflate, data = zlib.compressobj(), b""
+    for row in rows:
+        data += deflate.compress(b"\0" + row)  # filter type 0 (none) before every row
+    data += deflate.flush()
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0))
+                + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def test_odd_images_are_scaled_stored_or_skipped_and_listed(tmp_path):
+    """Non-UTF-8 class and file names are stored; 16-bit PNGs and float TIFFs are scaled to 8 bits, not
+    clipped; a float TIFF outside [0, 1] and a decompression bomb in Pillow's warning band (100M
+    pixels: decoded at full size by Pillow) are skipped and listed."""
+    rng = np.random.default_rng(0)
+    root = os.fsencode(tmp_path / "odd")
+    for cls in (b"ant", b"caf\xe9", b"deep"):
+        os.makedirs(os.path.join(root, cls))
+    path = lambda cls, name: os.fsdecode(os.path.join(root, cls, name))  # noqa: E731
+    plain = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(plain).save(path(b"ant", b"plain.png"))
+    Image.fromarray(plain[::-1]).save(path(b"caf\xe9", b"\xff.png"))
+    gray16 = rng.integers(0, 65536, (8, 8)).astype(np.uint16)
+    png(path(b"deep", b"gray16.png"), 8, 8, 16, 0, [r.astype(">u2").tobytes() for r in gray16])
+    rgb16 = rng.integers(0, 65536, (8, 8, 3)).astype(np.uint16)
+    png(path(b"deep", b"rgb16.png"), 8, 8, 16, 2, [r.astype(">u2").tobytes() for r in rgb16])
+    unit = rng.uniform(0, 1, (8, 8)).astype(np.float32)
+    Image.fromarray(unit).save(path(b"deep", b"unit.tiff"))
+    Image.fromarray(unit * 255).save(path(b"deep", b"wide.tiff"))
+    png(path(b"deep", b"zbomb.png"), 10_000, 10_000, 8, 0, (bytes(10_000) for _ in range(10_000)))
+    assert os.path.getsize(path(b"deep", b"zbomb.png")) < 200_000
+
+    store = str(tmp_path / "store")
+    meta = extract_features.main(extract_args(data_path=os.fsdecode(root), features_path=store, vae="none",
+                                              image_size=8, dtype="float32"))
+    assert meta["class_names"] == ["ant", "caf\\xe9", "deep"]
+    assert meta["skipped"] == ["deep/wide.tiff", "deep/zbomb.png"]
+    progress = json.load(open(os.path.join(store, "shard-00001.json")))
+    errors = {os.path.basename(s["path"]): s["error"] for s in progress["skipped"]}
+    assert errors["wide.tiff"].startswith("F pixels in [") and errors["wide.tiff"].endswith("], outside [0, 1]")
+    assert errors["zbomb.png"] == "10000x10000 = 100,000,000 pixels, over --max-image-pixels 50,000,000"
+
+    ds = latents.LatentDataset(store, flip=False)
+    x, y = ds.read_batch(range(len(ds)))
+    got = ((x + 1) * 127.5).round().to(torch.int64).permute(0, 2, 3, 1).numpy()  # (N, 8, 8, 3)
+    assert y.tolist() == [0, 1, 2, 2, 2]
+    np.testing.assert_array_equal(got[0], plain)
+    np.testing.assert_array_equal(got[1], plain[::-1])
+    np.testing.assert_array_equal(got[2], np.round(gray16 / 257)[..., None].repeat(3, -1))
+    assert np.abs(got[3] - rgb16 / 257).max() <= 1  # Pillow keeps the high byte of each sample
+    np.testing.assert_array_equal(got[4], np.round(unit.astype(np.float64) * 255)[..., None].repeat(3, -1))
+
+
+def test_full_disk_is_a_clear_error_and_a_rerun_continues(tmp_path, image_folder):
+    """On a real full file system (a 96 KiB tmpfs in a user and mount namespace): a one-line error, no
+    temporary files; after the space grows, the same command finishes the store."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=96k", "none", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs unshare and tmpfs mounts in a user namespace")
+    # Pixel store at 32x32 in float32: 48 KiB per 4-row shard, 3 shards; only the first fits.
+    extract = (f"{sys.executable} extract_features.py --data-path {image_folder[0]} --features-path {disk}/store "
+               f"--image-size 32 --vae none --dtype float32 --shard-size 4 --batch-size 3 --num-workers 0")
+    script = (f"mount -t tmpfs -o size=96k none {disk} && {extract}; echo rc=$?; echo @; ls -a {disk}/store; "
+              f"echo @; mount -o remount,size=1m {disk} && {extract}; echo rc=$?; echo @; ls {disk}/store")
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    first, listing, rerun, final = r.stdout.split("@\n")
+    assert first.endswith("rc=1\n"), r.stdout + r.stderr  # before: rc=135, killed by SIGBUS on a sparse shard
+    error = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and "no space left on the device for" in error[0] and "shard-00001.npy" in error[0]
+    assert "Traceback" not in r.stderr
+    assert sorted(listing.split()) == [".", "..", ".lock", "labels.npy", "meta.json", "shard-00000.json",
+                                       "shard-00000.npy"]  # no temporary file, no half-made shard
+    assert "done: 10 images stored, 2 skipped" in rerun and rerun.endswith("rc=0\n")
+    assert "shard-00002.npy" in final.split()
+
+
+def test_reserving_a_shard_fails_cleanly(tmp_path, image_folder, monkeypatch):
+    """The full-disk path without a namespace: the shard that cannot be reserved is removed, no
+    temporary file is left, and the rerun finishes the store."""
+    store = str(tmp_path / "store")
+    reserve = os.posix_fallocate
+
+    def full(fd, offset, length):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("shard-00002.npy"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        reserve(fd, offset, length)
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    args = extract_args(data_path=image_folder[0], features_path=store, vae="none", image_size=8)
+    with pytest.raises(extract_features.DiskFullError, match="shard-00002.npy .*free some space and rerun"):
+        extract_features.main(args)
+    assert sorted(os.listdir(store)) == [".lock", "labels.npy", "meta.json", "shard-00000.json", "shard-00000.npy",
+                                         "shard-00001.json", "shard-00001.npy"]
+    monkeypatch.setattr(os, "posix_fallocate", reserve)
+    assert extract_features.main(args)["count"] == 10
+
+
+def test_second_run_on_a_store_being_written_stops_at_once(tmp_path, image_folder, monkeypatch):
+    store = str(tmp_path / "store")
+    second = []
+    encode = extract_features.Encoder.__call__
+
+    def encode_and_start_another(self, x):
+        if not second:  # while the first run holds the store, the same command again
+            second.append(subprocess.run(
+                [sys.executable, "extract_features.py", "--data-path", image_folder[0], "--features-path", store,
+                 "--image-size", "8", "--vae", "none", "--shard-size", "4", "--batch-size", "3",
+                 "--num-workers", "0"], cwd=REPO, capture_output=True, text=True, timeout=120))
+        return encode(self, x)
+    monkeypatch.setattr(extract_features.Encoder, "__call__", encode_and_start_another)
+    meta = extract_features.main(extract_args(data_path=image_folder[0], features_path=store, vae="none",
+                                              image_size=8))
+    r = second[0]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "has" not in r.stdout  # it encoded nothing
+    assert "is being written by another extract_features.py" in r.stderr
+    assert meta["complete"] and meta["count"] == 10
+
+
+def test_changed_image_content_is_not_mixed_into_a_store(tmp_path, image_folder):
+    """The inputs' identity covers each file's size and modification time, not only its name."""
+    root = str(tmp_path / "images")
+    shutil.copytree(image_folder[0], root)
+    args = extract_args(data_path=root, features_path=str(tmp_path / "store"), vae="none", image_size=8)
+    extract_features.main(args)
+    target = os.path.join(root, "ant", "a1.png")
+    Image.fromarray(np.zeros((52, 20), np.uint8)).save(target)  # same name, other pixels
+    os.utime(target, (os.stat(target).st_atime, os.stat(target).st_mtime + 10))
+    with pytest.raises(extract_features.StoreError, match="files_sha1"):
+        extract_features.main(args)
+
+
+def test_damaged_shard_of_a_complete_store_is_encoded_again(tmp_path, latent_store, tiny_vae_path, image_folder,
+                                                            capsys):
+    store = str(tmp_path / "store")
+    shutil.copytree(latent_store, store)
+    shard = os.path.join(store, "shard-00001.npy")
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    with pytest.raises(latents.StoreError, match="shard-00001.npy is truncated"):
+        latents.LatentDataset(store)
+    extract_features.main(extract_args(data_path=image_folder[0], features_path=store, vae=tiny_vae_path))
+    out = capsys.readouterr().out
+    assert "shard-00001.npy is truncated" in out and "encoding that shard again" in out and "has 4 left" in out
+    assert_same_store(latent_store, store)
 
 
 def test_pixel_mode_round_trips(tmp_path, image_folder):

@@ -1,7 +1,9 @@
-"""latents.LatentDataset: DiT's sampling distribution, seeded reproducibility, DataLoader use, and
-reading fast-DiT features through a converted store."""
+"""latents.LatentDataset: DiT's sampling distribution, seeded reproducibility, DataLoader use as users
+write it, damaged stores refused at open, and reading fast-DiT features through a converted store."""
 import json
 import os
+import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -35,6 +37,7 @@ def test_deterministic_views_are_scaled_means(latent_store):
 def test_flip_picks_the_encoded_mirror(latent_store):
     mean, _ = stored(latent_store)
     ds = latents.LatentDataset(latent_store, flip=True, sample_posterior=False)
+    torch.manual_seed(0)
     x, _ = ds.read_batch([2] * 64)
     orig, mirror = SF * mean[ds.rows[2], 0], SF * mean[ds.rows[2], 1]
     is_orig = [np.allclose(a, orig, rtol=1e-6) for a in x.numpy()]
@@ -83,14 +86,38 @@ def test_seeded_items_do_not_depend_on_batching(latent_store):
     assert not torch.equal(latents.LatentDataset(latent_store, seed=8)[3][0], batch[0])
 
 
+def loaded(loader):
+    """Every batch of a loader: list of (x [B x C x H x W], y [B])."""
+    batches = list(loader)
+    assert all(x.dtype == torch.float32 and x.dim() == 4 and y.dtype == torch.int64 and y.dim() == 1
+               for x, y in batches)
+    return batches
+
+
+def test_plain_dataloader_with_the_default_collate(latent_store):
+    """DataLoader(LatentDataset(path), batch_size=256, shuffle=True) as users write it: every item
+    once per epoch, each exactly as ds[i]; unshuffled batches in order."""
+    ds = latents.LatentDataset(latent_store, seed=1)
+    every_x, every_y = ds.read_batch(range(len(ds)))
+    (x, y), = loaded(DataLoader(ds, batch_size=256, shuffle=True))
+    order = [next(i for i in range(len(ds)) if torch.equal(a, every_x[i])) for a in x]
+    assert sorted(order) == list(range(len(ds))) and order != sorted(order)  # a permutation, shuffled
+    assert y.tolist() == every_y[order].tolist()
+    batches = loaded(DataLoader(ds, batch_size=4))
+    assert [len(y) for _, y in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([x for x, _ in batches]), every_x)
+    assert torch.equal(torch.cat([y for _, y in batches]), every_y)
+
+
 def test_dataloader_with_workers(latent_store):
     ds = latents.LatentDataset(latent_store, seed=1)
-    ds[0]  # memory maps opened in this process must not be pickled to the workers
-    loader = DataLoader(ds, batch_size=4, shuffle=False, num_workers=2, collate_fn=latents.collate)
-    xs, ys = zip(*loader)
-    assert [len(y) for y in ys] == [4, 4, 2]
-    assert torch.equal(torch.cat(xs), ds.read_batch(list(range(10)))[0])
-    assert torch.cat(ys).tolist() == ds.labels.tolist()
+    ds[0]  # memory maps opened in this process are not pickled (as spawned workers would receive them)
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy._shards is None and torch.equal(copy[3][0], ds[3][0])
+    batches = loaded(DataLoader(ds, batch_size=4, num_workers=2))
+    assert [len(y) for _, y in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([x for x, _ in batches]), ds.read_batch(range(10))[0])
+    assert torch.cat([y for _, y in batches]).tolist() == ds.labels.tolist()
 
 
 def test_unfinished_or_foreign_folders_are_refused(tmp_path, latent_store):
@@ -100,8 +127,35 @@ def test_unfinished_or_foreign_folders_are_refused(tmp_path, latent_store):
     part = tmp_path / "part"
     part.mkdir()
     (part / "meta.json").write_text(json.dumps(dict(meta, complete=False)))
-    with pytest.raises(ValueError, match="unfinished"):
+    with pytest.raises(latents.StoreError, match="unfinished"):
         latents.LatentDataset(str(part))
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "missing shard", "other shape", "labels", "meta"])
+def test_damaged_store_is_refused_at_open_naming_the_file(tmp_path, latent_store, damage):
+    """Found when the dataset is made (train.py: before a run folder exists), not by a read error or a
+    SIGBUS in a DataLoader worker later."""
+    store = tmp_path / "store"
+    shutil.copytree(latent_store, store)
+    shard = store / "shard-00002.npy"
+    if damage == "truncated shard":
+        size = os.path.getsize(shard)
+        os.truncate(shard, size - 1)
+        want = f"shard-00002.npy is truncated: {size - 1:,} of {size:,} bytes: the store is damaged; rerun"
+    elif damage == "missing shard":
+        os.remove(shard)
+        want = r"shard-00002.npy is missing"
+    elif damage == "other shape":
+        np.save(shard, np.zeros((2, 2, 2, 4, 8, 4), np.float16))
+        want = r"shard-00002.npy holds float16 \(2, 2, 2, 4, 8, 4\) where the store needs float16 \(4, 2, 2, 4, 8, 8\)"
+    elif damage == "labels":
+        os.truncate(store / "labels.npy", 100)
+        want = r"labels.npy is damaged"
+    else:
+        (store / "meta.json").write_text('{"complete": tr')
+        want = r"meta.json is damaged \(not JSON"
+    with pytest.raises(latents.StoreError, match=want):
+        latents.LatentDataset(str(store))
 
 
 def write_fast_dit(path, n=12, shape=(4, 8, 8)):
@@ -134,3 +188,13 @@ def test_fast_dit_features_convert_to_a_store(tmp_path):
     got, labels = ds.read_batch(list(range(12)))  # files 0..11 in numeric order, 10 after 9
     np.testing.assert_allclose(got.numpy(), x, rtol=1e-3, atol=1e-3)  # float16 storage
     assert labels.tolist() == y.tolist() and meta["num_classes"] == int(y.max()) + 1
+
+
+@pytest.mark.parametrize("label", [np.array([{"class": 3}], dtype=object), np.array([2.5]), np.array([1, 2])])
+def test_fast_dit_label_file_that_is_not_one_class_index_is_a_clear_error(tmp_path, label):
+    write_fast_dit(tmp_path / "fast")
+    bad = tmp_path / "fast" / "imagenet16_labels" / "7.npy"
+    np.save(bad, label, allow_pickle=True)
+    with pytest.raises(extract_features.StoreError, match=f"{bad} (is not a label file|holds)"):
+        extract_features.main(extract_args(fast_dit_path=str(tmp_path / "fast"), features_path=str(tmp_path / "s")))
+    assert not os.path.exists(tmp_path / "s")
