@@ -369,6 +369,12 @@ def save_checkpoint(data, ckpt_dir, keep_last, keep_every):
     return path
 
 
+def training_checkpoint(step, model, ema, opt, scheduler, model_config, latents, train_config, rng_states, parent):
+    """A train.py checkpoint: the layout this module's docstring describes, as one dict of plain data."""
+    return dict(model=model, ema=ema, opt=opt, scheduler=scheduler, model_config=model_config, latents=latents,
+                train_config=train_config, step=step, rng_states=rng_states, parent=parent)
+
+
 def check_compatible(ckpt, path, model_config, meta):
     """Refuse a training checkpoint of another model or another store, naming what differs.
     :raises CheckpointError."""

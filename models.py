@@ -283,17 +283,20 @@ class DiT(nn.Module):
         x = x.permute(0, 5, 1, 3, 2, 4)                    # (N, C, h, p, w, p)
         return x.reshape(x.shape[0], c, h * p, w * p)      # (N, C, H, W)
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, force_drop_ids=None):
         """
         :param x: [N x C x H x W] noisy inputs (latents or pixels).
         :param t: [N] diffusion timesteps.
         :param y: [N] class labels (num_classes is the null label); None for unconditional models.
+        :param force_drop_ids: [N], 1 where the label is replaced by the null label; None: dropped at
+            random in training mode, as DiT (train.py draws them per sample itself, so that a batch split
+            into micro-batches draws the same).
         :return: [N x out_channels x H x W].
         """
         x = self.x_embedder(x) + self.pos_embed              # (N, T, D), T = H*W / p^2
         c = self.t_embedder(t)                               # (N, D)
         if self.y_embedder is not None:
-            c = c + self.y_embedder(y, self.training)        # (N, D)
+            c = c + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, use_reentrant=False)  # (N, T, D)
@@ -335,6 +338,26 @@ class DiT(nn.Module):
 #################################################################################
 #                   Sine/Cosine Positional Embedding Functions                  #
 #################################################################################
+
+
+def forward_flops_per_image(model):
+    """
+    Matmul FLOPs (2 per multiply-add) of one forward pass of a DiT for one image, from its shapes.
+    Per block and token: qkv 3D^2, attention projection D^2, MLP 2 * D * hidden multiply-adds, plus
+    QK^T and AV, 2 T D each; per block and image the adaLN linear (D -> 6D). Then the patch
+    embedding, the final layer and its adaLN (D -> 2D), and the timestep MLP (256 -> D -> D). Norms,
+    softmax and elementwise work are left out, as in MFU figures. Training costs 3x this (the backward
+    is two matmuls per forward matmul); gradient checkpointing recomputes the forward, but that extra
+    work is not counted as useful (the usual MFU convention).
+    """
+    T = (model.input_size // model.patch_size) ** 2
+    D = model.pos_embed.shape[-1]
+    p2 = model.patch_size ** 2
+    hidden = model.blocks[0].mlp.fc1.out_features
+    block = T * (4 * D * D + 2 * D * hidden + 2 * T * D) + 6 * D * D
+    rest = T * (model.in_channels * p2 * D + D * p2 * model.out_channels) + 2 * D * D \
+        + model.t_embedder.frequency_embedding_size * D + D * D
+    return 2 * (len(model.blocks) * block + rest)
 
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size):

@@ -4,24 +4,32 @@ Train a DiT on a latent store written by extract_features.py.
     python train.py --model DiT-S/2 --features-path features/imagenet256 --max-steps 400000
     torchrun --nproc_per_node=8 train.py --model DiT-XL/2 --features-path features/imagenet256
     accelerate launch --multi_gpu --num_processes 8 train.py --model DiT-XL/2 --features-path features/imagenet256
+    accelerate launch --mixed_precision fp16 train.py --model DiT-XL/2 --features-path features/imagenet256
     accelerate launch --config_file configs/multinode_ddp.yaml --machine_rank R train.py --model DiT-XL/2 --features-path features/imagenet256
     accelerate launch --config_file configs/fsdp.yaml train.py --model DiT-XL/2 --features-path features/imagenet256
+    python train.py --model DiT-XL/2 --features-path features/imagenet256 --gradient-accumulation-steps 4
     python train.py --model DiT-S/2 --features-path features/imagenet256 --resume auto
 
 The model is built to fit the store (latent channels and size, class count); defaults are the
 paper's (AdamW at a constant 1e-4 without weight decay, global batch 256, EMA 0.9999, label dropout
 0.1, 1000-step linear diffusion with learned sigma). Differences from DiT's and fast-DiT's train.py:
-bf16 autocast by default (float32 master weights, optimizer state and EMA), the logged loss is the
-true global mean, checkpoints carry everything needed to resume exactly (scheduler, every process's
-RNG states, the position in the epoch) and are written atomically, and the same code runs on one CPU,
-under torchrun on CPUs (gloo) and on GPUs across nodes (DDP or FSDP through accelerate).
+bf16 autocast unless the flag or accelerate's launcher/config says otherwise (float32 master weights,
+optimizer state and EMA), the logged loss is the true global mean, the global batch may be
+accumulated over micro-batches, checkpoints carry everything needed to resume exactly and are
+written atomically, and the same code runs on one CPU, under torchrun on CPUs (gloo) and on GPUs
+across nodes (DDP or FSDP through accelerate).
 
-Runs go to `<results-dir>/NNN-<model>/` (log.txt, tracker files, checkpoints/0050000.pt).
+Runs go to `<results-dir>/NNN-<model>/`: log.txt for people, stats.jsonl for programs (one JSON
+object per log interval), tracker files, checkpoints/0050000.pt. A new run always gets a new folder.
+`--resume` continues a run in its own folder when it starts from that run's latest checkpoint;
+from an earlier checkpoint, or with another --results-dir, it branches into a new folder that
+records its parent, so no later checkpoint of the original run is ever overwritten.
 """
 import argparse
-import glob
+import dataclasses
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import random
@@ -36,15 +44,12 @@ from accelerate.utils import DistributedType, gather_object, reduce
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from checkpoints import (CheckpointError, check_compatible, checkpoint_files, read_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state, training_checkpoint)
 from diffusion import create_diffusion
-from latents import LatentDataset, collate
-from models import DiT_models
-from checkpoints import CheckpointError, read_checkpoint
-
-# Store metadata that must match for a checkpoint to continue training on a store.
-STORE_IDENTITY = ("vae", "scaling_factor", "image_size", "latent_shape", "num_classes", "class_names",
-                  "count", "files_sha1")
-CKPT_RE = re.compile(r"^(\d{7,})\.pt$")
+from files import DiskFullError, atomic_write, sweep_temp_files
+from latents import LatentDataset
+from models import DiT_models, forward_flops_per_image
 
 
 class TrainError(ValueError):
@@ -52,28 +57,144 @@ class TrainError(ValueError):
 
 
 #################################################################################
-#                                  Helpers                                      #
+#                               Run folders                                     #
 #################################################################################
 
 
-def forward_flops_per_image(model):
+def new_run_dir(results_dir, model_name):
+    """Create `<results_dir>/NNN-<model>` with NNN one past the highest number there, exclusively: a run
+    started at the same instant gets the next number, and no run ever lands in another's folder."""
+    os.makedirs(results_dir, exist_ok=True)
+    while True:
+        taken = [int(m.group(1)) for name in os.listdir(results_dir) if (m := re.match(r"^(\d{3,})-", name))]
+        path = os.path.join(results_dir, f"{max(taken, default=-1) + 1:03d}-{model_name.replace('/', '-')}")
+        try:
+            os.mkdir(path)
+            os.mkdir(os.path.join(path, "checkpoints"))
+            return path
+        except FileExistsError:
+            continue
+
+
+def latest_good_checkpoint(results_dir, model_name, notes):
     """
-    Matmul FLOPs (2 per multiply-add) of one forward pass for one image, counted from the model's
-    shapes. Per block and token: qkv 3D^2, attention projection D^2, MLP 2 * 4D^2 (mlp_ratio 4)
-    multiply-adds, plus QK^T and AV, 2 T D each; per block and image the adaLN linear (D -> 6D).
-    Then the patch embedding, the final layer and its adaLN (D -> 2D), and the timestep MLP
-    (256 -> D -> D). Norms, softmax and elementwise work are left out, as in MFU figures.
-    Training costs 3x this (the backward is two matmuls per forward matmul); gradient checkpointing
-    recomputes the forward, but that extra work is not counted as useful (the usual MFU convention).
+    --resume auto: the newest readable checkpoint of the highest-numbered run of model_name, newest
+    first; a damaged one (killed mid-copy, emptied) is skipped with a note. :return: (path, data) or None.
     """
-    T = (model.input_size // model.patch_size) ** 2
-    D = model.pos_embed.shape[-1]
-    p2 = model.patch_size ** 2
-    hidden = model.blocks[0].mlp.fc1.out_features
-    block = T * (4 * D * D + 2 * D * hidden + 2 * T * D) + 6 * D * D
-    rest = T * (model.in_channels * p2 * D + D * p2 * model.out_channels) + 2 * D * D \
-        + model.t_embedder.frequency_embedding_size * D + D * D
-    return 2 * (len(model.blocks) * block + rest)
+    tag = model_name.replace("/", "-")
+    runs = sorted((r for r in os.listdir(results_dir) if re.match(rf"^\d{{3,}}-{re.escape(tag)}$", r)),
+                  key=lambda r: int(r.split("-", 1)[0])) if os.path.isdir(results_dir) else []
+    for run in reversed(runs):
+        files = checkpoint_files(os.path.join(results_dir, run, "checkpoints"))
+        for step in sorted(files, reverse=True):
+            try:
+                return files[step], read_checkpoint(files[step])
+            except CheckpointError as e:
+                notes.append(f"skipping a damaged checkpoint: {e}")
+        if files:
+            raise TrainError(f"--resume auto: no readable checkpoint in {os.path.join(results_dir, run)}")
+    return None
+
+
+def open_run(args, accelerator, model_config, meta):
+    """
+    Where this run writes and what it continues from (every process gets rank 0's answer).
+
+    :return: (run folder, checkpoint data or None, the checkpoint's path, parent path or None, notes to log).
+    """
+    notes, found = [], None
+    if args.resume == "auto":
+        found = latest_good_checkpoint(args.results_dir or "results", args.model, notes)
+    elif args.resume:
+        if not os.path.isfile(args.resume):
+            raise TrainError(f"--resume {args.resume}: no such checkpoint file")
+        try:
+            found = args.resume, read_checkpoint(args.resume)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from e
+    path, ckpt = found or (None, None)
+    if ckpt is not None:
+        try:
+            check_compatible(ckpt, path, model_config, meta)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from e
+        saved = ckpt["train_config"]["global_batch_size"]
+        if saved != args.global_batch_size:
+            raise TrainError(f"{path} was trained with --global-batch-size {saved}; resume with the same")
+
+    run_dir, parent = None, None
+    if accelerator.is_main_process:
+        if path is not None:
+            ckpt_dir = os.path.dirname(os.path.abspath(path))
+            own_run = os.path.dirname(ckpt_dir)
+            files = checkpoint_files(ckpt_dir)
+            # auto picks the newest readable checkpoint: any newer file is damaged, not a later history.
+            latest = args.resume == "auto" or (os.path.basename(ckpt_dir) == "checkpoints" and files
+                                               and os.path.samefile(files[max(files)], path))
+            here = args.results_dir is None or (os.path.isdir(args.results_dir)
+                                                and os.path.samefile(args.results_dir, os.path.dirname(own_run)))
+            if latest and here:
+                run_dir = own_run
+                swept = sweep_temp_files(ckpt_dir)
+                notes.append(f"continuing {run_dir} from its latest checkpoint {path} (step {ckpt['step']})"
+                             + (f"; removed the temporary files of a killed save: {', '.join(swept)}" if swept else ""))
+            else:
+                parent = os.path.abspath(path)
+                run_dir = new_run_dir(args.results_dir or os.path.dirname(own_run), args.model)
+                why = "it is not its run's latest checkpoint" if not latest else "--results-dir names another folder"
+                notes.append(f"branching from {parent} (step {ckpt['step']}) into a new run, as {why}; "
+                             f"the parent's checkpoints are left as they are")
+        else:
+            run_dir = new_run_dir(args.results_dir or "results", args.model)
+    run_dir, parent = gather_object([(run_dir, parent)])[0]
+    return run_dir, ckpt, path, parent, notes
+
+
+class RunLog:
+    """log.txt and stdout for people, stats.jsonl for programs; rank 0 writes, the others stay silent."""
+
+    def __init__(self, run_dir, is_main, resumed_step=None):
+        self.is_main, self.stats_path = is_main, os.path.join(run_dir, "stats.jsonl")
+        self.logger = logging.getLogger("train")
+        self.logger.handlers.clear()
+        self.logger.propagate = False
+        if not is_main:
+            self.logger.addHandler(logging.NullHandler())
+            return
+        fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(run_dir, "log.txt"))):
+            handler.setFormatter(fmt)
+            self.logger.addHandler(handler)
+        self.logger.setLevel(logging.INFO)
+        if resumed_step is not None and os.path.exists(self.stats_path):
+            # Intervals logged after the checkpoint by the run that was killed are trained again: drop them.
+            kept = [line for line in read_stats_lines(self.stats_path) if json.loads(line)["step"] <= resumed_step]
+            with atomic_write(self.stats_path, "w") as f:
+                f.writelines(kept)
+
+    def info(self, message):
+        self.logger.info(message)
+
+    def stats(self, record):
+        if self.is_main:
+            with open(self.stats_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_stats_lines(path):
+    """The complete lines of a stats.jsonl (a run killed mid-write may leave a partial last line)."""
+    with open(path) as f:
+        return [line for line in f if line.endswith("\n")]
+
+
+def read_stats(run_dir):
+    """:return: the records of a run's stats.jsonl, in order."""
+    return [json.loads(line) for line in read_stats_lines(os.path.join(run_dir, "stats.jsonl"))]
+
+
+#################################################################################
+#                                  Training                                     #
+#################################################################################
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -103,25 +224,62 @@ class EpochBatches(torch.utils.data.Sampler):
             yield perm[lo:lo + self.local_batch]
 
 
-def rng_state():
-    """This process's RNG states as plain data (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                       has_gauss, gauss],
-             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+@dataclasses.dataclass
+class Training:
+    """The model being trained and what updates it."""
+
+    model: torch.nn.Module  # as accelerate prepared it (DDP, FSDP or plain)
+    raw: torch.nn.Module  # the DiT inside
+    opt: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    names: list  # parameter names, in the order of params and ema
+    params: list  # the DiT's parameters (FSDP2 shards under FSDP)
+    ema: list  # float32 copies of params, sharded like them
 
 
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def make_training(accelerator, model_config, lr, warmup_steps=0, grad_checkpointing=False, compile=False,
+                  state_dict=None):
+    """
+    Build the model (with `state_dict`'s weights when given), DiT's AdamW (no weight decay; the fused
+    kernel on CUDA where it applies, not on FSDP's DTensors), the linear-warmup schedule and the EMA,
+    and let accelerate wrap them.
+    """
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    model = DiT_models[model_config["model"]](**{k: v for k, v in model_config.items() if k != "model"},
+                                              grad_checkpointing=grad_checkpointing)
+    assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}  # the EMA holds parameters only
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    if compile:
+        for block in model.blocks:  # regional compilation: short compile, module names unchanged
+            block.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0,
+                            fused=accelerator.device.type == "cuda" and not fsdp)
+    model, opt = accelerator.prepare(model, opt)
+    raw = accelerator.unwrap_model(model)
+    names, params = zip(*raw.named_parameters())
+    ema = [p.detach().clone().float() for p in params]
+    warmup = max(warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    return Training(model, raw, opt, scheduler, list(names), list(params), ema)
+
+
+def restore(training, ckpt, accelerator):
+    """Load a checkpoint's optimizer, EMA and schedule into training (the weights went in at make_training)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(training.raw, training.opt.optimizer, ckpt["opt"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        training.opt.load_state_dict(ckpt["opt"])
+    with torch.no_grad():
+        for e, p, n in zip(training.ema, training.params, training.names):
+            value = ckpt["ema"][n].to(accelerator.device)
+            if hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+                value = distribute_tensor(value, p.device_mesh, p.placements)
+            e.copy_(value)
+    training.scheduler.load_state_dict(ckpt["scheduler"])
 
 
 def full_tensor(t):
@@ -131,58 +289,89 @@ def full_tensor(t):
     return t.detach().cpu()
 
 
-def checkpoint_files(ckpt_dir):
-    """{step: path} of the finished checkpoints in ckpt_dir."""
-    found = {}
-    for path in glob.glob(os.path.join(ckpt_dir, "*.pt")):
-        m = CKPT_RE.match(os.path.basename(path))
-        if m:
-            found[int(m.group(1))] = path
-    return found
-
-
-def find_experiment(results_dir, model_name):
-    """The highest-numbered `NNN-<model>` folder of results_dir that holds a checkpoint, or None."""
-    tag = model_name.replace("/", "-")
-    runs = sorted(glob.glob(os.path.join(results_dir, f"[0-9][0-9][0-9]-{tag}")))
-    runs = [r for r in runs if checkpoint_files(os.path.join(r, "checkpoints"))]
-    return runs[-1] if runs else None
-
-
-def new_experiment(results_dir, model_name):
-    os.makedirs(results_dir, exist_ok=True)
-    index = len(glob.glob(os.path.join(results_dir, "[0-9][0-9][0-9]-*")))
-    return os.path.join(results_dir, f"{index:03d}-{model_name.replace('/', '-')}")
-
-
-def check_compatible(ckpt, path, model_config, meta):
-    """Refuse a checkpoint of another model or another store, naming what differs."""
-    theirs = ckpt.get("model_config")
-    if not isinstance(theirs, dict):
-        raise TrainError(f"{path} is not a checkpoint of this train.py (no model_config)")
-    diffs = [f"{k}: checkpoint {theirs.get(k)!r}, now {v!r}" for k, v in model_config.items() if theirs.get(k) != v]
-    if diffs:
-        raise TrainError(f"{path} is a checkpoint of another model ({'; '.join(diffs)})")
-    stored = ckpt.get("latents") or {}
-    diffs = [f"{k}: checkpoint {stored.get(k)!r}, store {meta.get(k)!r}" for k in STORE_IDENTITY
-             if stored.get(k) != meta.get(k)]
-    if diffs:
-        raise TrainError(f"{path} was trained on another latent store ({'; '.join(diffs)})")
-
-
-def make_logger(exp_dir, is_main):
-    logger = logging.getLogger("train")
-    logger.handlers.clear()
-    logger.propagate = False
-    if is_main:
-        fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(exp_dir, "log.txt"))):
-            handler.setFormatter(fmt)
-            logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+def checkpoint_state(training, accelerator, step, model_config, meta, train_config, parent):
+    """This run's checkpoint (every process takes part: FSDP gathers shards, RNG states are gathered)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        opt_state = get_optimizer_state_dict(training.raw, training.opt.optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
-        logger.addHandler(logging.NullHandler())
-    return logger
+        opt_state = training.opt.state_dict()
+    return training_checkpoint(
+        step=step, model={n: full_tensor(p) for n, p in zip(training.names, training.params)},
+        ema={n: full_tensor(e) for n, e in zip(training.names, training.ema)}, opt=opt_state,
+        scheduler=training.scheduler.state_dict(), model_config=model_config, latents=meta,
+        train_config=train_config, rng_states=gather_object([rng_state()]), parent=parent)
+
+
+def train_step(accelerator, training, diffusion, x, y, max_norm, decay, micro_batches=1):
+    """
+    One optimisation step on this process's batch, then the EMA update; no host synchronisation.
+    Timesteps, noise and label dropout are drawn per sample for the whole batch before it is split
+    into `micro_batches` (accumulated without gradient sync), so accumulating changes no draw.
+
+    :param x: [B x C x H x W] inputs, y: [B] labels, on the device.
+    :param max_norm: clip the global gradient norm to this; inf only measures it (gradients x 1).
+    :return: (per-sample losses [B], timesteps [B], global gradient norm), detached.
+    """
+    model, raw = training.model, training.raw
+    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
+    noise = torch.randn_like(x)
+    kwargs = {}
+    if raw.y_embedder is not None:
+        drop = (torch.rand(x.shape[0], device=x.device) < raw.y_embedder.dropout_prob).long()
+        kwargs = dict(y=y, force_drop_ids=drop)
+    losses = []
+    for i in torch.arange(x.shape[0], device=x.device).chunk(micro_batches):
+        with accelerator.accumulate(model):  # syncs gradients on the last micro-batch only
+            micro = diffusion.training_losses(model, x[i], t[i], {k: v[i] for k, v in kwargs.items()},
+                                              noise=noise[i])["loss"]  # (B / micro_batches,) float32
+            accelerator.backward(micro.mean())  # accelerate divides by the micro-batch count
+        losses.append(micro.detach())
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    training.opt.step()
+    training.scheduler.step()
+    training.opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        torch._foreach_mul_(training.ema, decay)
+        torch._foreach_add_(training.ema, [p.detach() for p in training.params], alpha=1 - decay)
+    return torch.cat(losses), t, grad_norm
+
+
+class IntervalStats:
+    """Sums over one log interval, kept on the device (no host sync per step), reduced across processes
+    when read: the logged figures are the global ones."""
+
+    def __init__(self, device, num_timesteps, quartiles):
+        self.device, self.num_timesteps, self.quartiles = device, num_timesteps, quartiles
+        self.reset()
+
+    def reset(self):
+        # [loss sum, sample count, gradient norm sum, 4 quartile loss sums, 4 quartile counts]
+        self.sums = torch.zeros(11, device=self.device, dtype=torch.float64)
+        self.steps, self.start = 0, time.time()
+
+    def add(self, losses, t, grad_norm):
+        self.sums[0] += losses.sum()
+        self.sums[1] += losses.numel()
+        self.sums[2] += grad_norm.detach().double() if torch.is_tensor(grad_norm) else grad_norm
+        if self.quartiles:
+            q = (t * 4 // self.num_timesteps).long()
+            self.sums[3:7].index_add_(0, q, losses.double())
+            self.sums[7:11].index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
+        self.steps += 1
+
+    def read(self, world):
+        """:return: the interval's figures, then start a new interval. Every process must call it."""
+        total = reduce(self.sums.clone(), "sum").tolist()
+        seconds = time.time() - self.start
+        stats = {"loss": total[0] / total[1], "grad_norm": total[2] / world / self.steps,
+                 "steps_per_s": self.steps / seconds, "images_per_s": total[1] / seconds}
+        if self.quartiles:
+            for i in range(4):
+                stats[f"loss_q{i}"] = total[3 + i] / total[7 + i] if total[7 + i] else float("nan")
+        self.reset()
+        return stats
 
 
 def format_seconds(s):
@@ -190,218 +379,109 @@ def format_seconds(s):
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-#################################################################################
-#                                  Training                                     #
-#################################################################################
-
-
-def make_optimizer(model, lr, device, fsdp):
-    """DiT's AdamW (no weight decay); the fused CUDA kernel where it applies (not on FSDP's DTensors)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0, fused=device.type == "cuda" and not fsdp)
-
-
-def train_step(accelerator, model, diffusion, opt, scheduler, ema, params, x, y, max_norm, decay):
-    """
-    One optimisation step on a batch, then the EMA update; no host synchronisation.
-
-    :param x: [B x C x H x W] inputs, y: [B] labels, on the device.
-    :param ema: the EMA tensors, in the order of `params` (the unwrapped model's parameters).
-    :param max_norm: clip the global gradient norm to this; inf only measures it (gradients x 1).
-    :return: (per-sample losses [B], timesteps [B], global gradient norm), detached.
-    """
-    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
-    losses = diffusion.training_losses(model, x, t, dict(y=y))["loss"]  # (B,) float32
-    accelerator.backward(losses.mean())
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-    opt.step()
-    scheduler.step()
-    opt.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        torch._foreach_mul_(ema, decay)
-        torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - decay)
-    return losses.detach(), t, grad_norm
-
-
-def main(args):
+def make_accelerator(args):
+    """:return: (Accelerator, the precision it runs, where that choice came from)."""
+    if args.mixed_precision is not None:
+        precision, source = args.mixed_precision, "--mixed-precision"
+    elif os.environ.get("ACCELERATE_MIXED_PRECISION"):  # set by accelerate launch from its flag or config
+        precision, source = os.environ["ACCELERATE_MIXED_PRECISION"], "accelerate launch / accelerate config"
+    else:
+        precision, source = "bf16", "train.py's default"
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
         raise TrainError(f"--report-to {args.report_to} needs the {args.report_to} package: pip install "
                          f"{args.report_to}, or pass --report-to none")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
-                              log_with=None if args.report_to == "none" else args.report_to)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if fsdp and not accelerator.is_fsdp2:
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
+                              gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              project_dir=args.results_dir or "results")  # the run folder, once known
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise TrainError("FSDP needs fsdp_version: 2 in the accelerate config (see configs/fsdp.yaml)")
-    if args.global_batch_size % world:
+    if args.global_batch_size % (accelerator.num_processes * args.gradient_accumulation_steps):
         raise TrainError(f"--global-batch-size {args.global_batch_size} is not divisible by the "
-                         f"{world} processes")
-    torch.backends.cuda.matmul.allow_tf32 = True  # as DiT: faster float32 matmuls on Ampere and later
-    torch.backends.cudnn.allow_tf32 = True
+                         f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} micro-batches")
+    return accelerator, precision, source
 
+
+def open_store(args):
+    """:return: the dataset and the model configuration that fits it."""
     try:
         dataset = LatentDataset(args.features_path, flip=args.flip, seed=args.global_seed)
     except (FileNotFoundError, ValueError) as e:
         raise TrainError(str(e)) from e
-    meta = dataset.meta
-    channels, size = meta["latent_shape"][0], meta["latent_shape"][1]
-    model_config = dict(model=args.model, input_size=size, in_channels=channels, num_classes=meta["num_classes"],
-                        learn_sigma=True, class_dropout_prob=args.class_dropout_prob)
+    channels, size, width = dataset.meta["latent_shape"]
     patch = int(args.model.rsplit("/", 1)[1])
-    if size % patch or meta["latent_shape"][2] != size:
-        raise TrainError(f"{args.model} (patch {patch}) does not fit the store's {channels}x{size}x"
-                         f"{meta['latent_shape'][2]} latents: the patch must divide the latent size; "
-                         f"choose another --model or image size")
-    steps_per_epoch = len(dataset) // args.global_batch_size
-    if steps_per_epoch == 0:
+    if size % patch or width != size:
+        raise TrainError(f"{args.model} (patch {patch}) does not fit the store's {channels}x{size}x{width} "
+                         f"latents: the patch must divide the latent size; choose another --model or image size")
+    if len(dataset) < args.global_batch_size:
         raise TrainError(f"the store holds {len(dataset)} images, fewer than --global-batch-size "
                          f"{args.global_batch_size}")
+    model_config = dict(model=args.model, input_size=size, in_channels=channels,
+                        num_classes=dataset.meta["num_classes"], learn_sigma=True,
+                        class_dropout_prob=args.class_dropout_prob)
+    return dataset, model_config
+
+
+def main(args):
+    accelerator, precision, precision_source = make_accelerator(args)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    torch.backends.cuda.matmul.allow_tf32 = True  # as DiT: faster float32 matmuls on Ampere and later
+    torch.backends.cudnn.allow_tf32 = True
+
+    dataset, model_config = open_store(args)
+    meta = dataset.meta
+    steps_per_epoch = len(dataset) // args.global_batch_size
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
+    run_dir, ckpt, ckpt_path, parent, notes = open_run(args, accelerator, model_config, meta)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    step = int(ckpt["step"]) if ckpt else 0
+    log = RunLog(run_dir, accelerator.is_main_process, resumed_step=step if ckpt else None)
 
-    # Where to resume from and where to write.
-    resume = None
-    if args.resume == "auto":
-        exp = find_experiment(args.results_dir, args.model)
-        if exp is not None:
-            files = checkpoint_files(os.path.join(exp, "checkpoints"))
-            resume = files[max(files)]
-    elif args.resume:
-        if not os.path.isfile(args.resume):
-            raise TrainError(f"--resume {args.resume}: no such checkpoint file")
-        resume = args.resume
-    ckpt = None
-    if resume is not None:
-        try:
-            ckpt = read_checkpoint(resume)
-        except CheckpointError as e:
-            raise TrainError(str(e)) from e
-        check_compatible(ckpt, resume, model_config, meta)
-        saved = ckpt["train_config"]["global_batch_size"]
-        if saved != args.global_batch_size:
-            raise TrainError(f"{resume} was trained with --global-batch-size {saved}; resume with the same")
-        exp_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume)))
-    else:
-        exp_dir = None
-        if accelerator.is_main_process:
-            exp_dir = new_experiment(args.results_dir, args.model)
-            os.makedirs(os.path.join(exp_dir, "checkpoints"), exist_ok=True)
-        exp_dir = gather_object([exp_dir])[0]  # the folder rank 0 made, on every process
-    ckpt_dir = os.path.join(exp_dir, "checkpoints")
-    logger = make_logger(exp_dir, accelerator.is_main_process)
-
-    # Each process its own seed (as DiT); restored below when resuming.
-    torch.manual_seed(args.global_seed * world + rank)
-    np.random.seed((args.global_seed * world + rank) % 2**32)
-    random.seed(args.global_seed * world + rank)
-
-    model = DiT_models[args.model](**{k: v for k, v in model_config.items() if k != "model"},
-                                   grad_checkpointing=args.grad_checkpointing)
-    assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}  # EMA below holds parameters only
-    flops_per_image = 3 * forward_flops_per_image(model)
+    # Each process its own seed (as DiT); a resumed run restores the saved states instead.
+    seed = args.global_seed * world + rank
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    training = make_training(accelerator, model_config, args.lr, args.warmup_steps, args.grad_checkpointing,
+                             args.compile, state_dict=ckpt["model"] if ckpt else None)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    if args.compile:
-        for block in model.blocks:  # regional compilation: short compile, module names unchanged
-            block.compile()
-    opt = make_optimizer(model, args.lr, device, fsdp)
-    model, opt = accelerator.prepare(model, opt)
-    raw = accelerator.unwrap_model(model)
-    names, params = zip(*raw.named_parameters())
-    # The EMA is a float32 copy of the parameters, sharded like them under FSDP.
-    ema = [p.detach().clone().float() for p in params]
-    warmup = max(args.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    step = 0
-    if ckpt is not None:
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(raw, opt.optimizer, ckpt["opt"], options=StateDictOptions(full_state_dict=True))
+        restore(training, ckpt, accelerator)
+        if len(ckpt["rng_states"]) == world:
+            set_rng_state(ckpt["rng_states"][rank])
         else:
-            opt.load_state_dict(ckpt["opt"])
-        with torch.no_grad():
-            for e, p, n in zip(ema, params, names):
-                value = ckpt["ema"][n].to(device)
-                if hasattr(p, "device_mesh"):
-                    from torch.distributed.tensor import distribute_tensor
-                    value = distribute_tensor(value, p.device_mesh, p.placements)
-                e.copy_(value)
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step = int(ckpt["step"])
-        states = ckpt["rng_states"]
-        if len(states) == world:
-            set_rng_state(states[rank])
-        else:
-            logger.info(f"checkpoint was written by {len(states)} processes, this run has {world}: "
-                        f"RNG states are reseeded, so the run is not bit-exact with an uninterrupted one")
-            torch.manual_seed(args.global_seed * world + rank + 7919 * step)
-    model.train()
+            notes.append(f"the checkpoint was written by {len(ckpt['rng_states'])} processes, this run has {world}: "
+                         f"RNG states are reseeded, so the run is not bit-exact with an uninterrupted one")
+            torch.manual_seed(seed + 7919 * step)
+    training.model.train()
+    flops_per_image = 3 * forward_flops_per_image(training.raw)
 
     diffusion = create_diffusion(timestep_respacing="")
     sampler = EpochBatches(len(dataset), args.global_batch_size, rank, world, args.global_seed)
     # Its own generator, so creating an iterator never draws from the global RNG (exact resume).
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers,
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.global_seed))
-
-    train_config = {k: v for k, v in vars(args).items()}
+    train_config = dict(vars(args))
     if args.report_to != "none":
-        accelerator.project_configuration.set_directories(exp_dir)  # tensorboard writes under the run
-        accelerator.init_trackers(os.path.basename(exp_dir),
-                                  config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                          for k, v in train_config.items()})
-    n_params = sum(p.numel() for p in raw.parameters())
-    logger.info(f"{args.model}: {n_params / 1e6:.2f}M parameters, {flops_per_image / 1e9:.2f} training GFLOPs per "
-                f"image, input {channels}x{size}x{size}, {meta['num_classes']} classes")
-    logger.info(f"{len(dataset)} images from {args.features_path}; "
-                f"{world} process(es) ({accelerator.distributed_type.value})"
-                f" on {device.type}, {args.global_batch_size // world} images per process per step, "
-                f"{steps_per_epoch} steps per epoch, {max_steps} steps; mixed precision {args.mixed_precision}")
-    logger.info(f"experiment folder {exp_dir}" + (f"; resumed from {resume} at step {step}" if ckpt else ""))
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not fsdp:
-        logger.info("the accelerate config asks for FSDP, which accelerate runs on GPUs only: "
-                    f"training without sharding ({accelerator.distributed_type.value})")
+        accelerator.project_configuration.set_directories(run_dir)  # tensorboard writes under the run
+        accelerator.init_trackers(os.path.basename(run_dir), config={
+            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in train_config.items()})
 
-    def save_checkpoint():
-        """Every process takes part (FSDP gathers shards); rank 0 writes tmp then renames."""
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-            opt_state = get_optimizer_state_dict(raw, opt.optimizer,
-                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            opt_state = opt.state_dict()
-        data = {
-            "model": {n: full_tensor(p) for n, p in zip(names, params)},
-            "ema": {n: full_tensor(e) for n, e in zip(names, ema)},
-            "opt": opt_state,
-            "model_config": model_config,
-            "latents": meta,
-            "step": step,
-            "train_config": train_config,
-            "scheduler": scheduler.state_dict(),
-            "rng_states": gather_object([rng_state()]),
-            "epoch": step // steps_per_epoch,
-            "epoch_step": step % steps_per_epoch,
-            "world_size": world,
-        }
-        if accelerator.is_main_process:
-            path = os.path.join(ckpt_dir, f"{step:07d}.pt")
-            tmp = f"{path}.tmp"
-            torch.save(data, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # a crash before this line leaves the previous checkpoints intact
-            kept = sorted(checkpoint_files(ckpt_dir))
-            for s in kept[:-args.ckpt_keep_last]:
-                if not (args.ckpt_keep_every and s % args.ckpt_keep_every == 0):
-                    os.remove(os.path.join(ckpt_dir, f"{s:07d}.pt"))
-            logger.info(f"saved checkpoint {path}")
-        accelerator.wait_for_everyone()
+    log.info(f"{args.model}: {sum(p.numel() for p in training.raw.parameters()) / 1e6:.2f}M parameters, "
+             f"{flops_per_image / 1e9:.2f} training GFLOPs per image, input {model_config['in_channels']}x"
+             f"{model_config['input_size']}x{model_config['input_size']}, {meta['num_classes']} classes")
+    log.info(f"{len(dataset)} images from {args.features_path}; {world} process(es) "
+             f"({accelerator.distributed_type.value}) on {device.type}, {args.global_batch_size // world} images "
+             f"per process per step in {args.gradient_accumulation_steps} micro-batch(es), {steps_per_epoch} steps "
+             f"per epoch, {max_steps} steps; mixed precision {precision} (from {precision_source})")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
+        notes.append("the accelerate config asks for FSDP, which accelerate runs on GPUs only: "
+                     f"training without sharding ({accelerator.distributed_type.value})")
+    for note in [f"run folder {run_dir}"] + notes:
+        log.info(note)
 
-    # Running sums over a log interval, kept on the device: no host sync per step.
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    quart_sum = torch.zeros(4, device=device, dtype=torch.float64)
-    quart_cnt = torch.zeros(4, device=device, dtype=torch.float64)
-    norm_sum = torch.zeros((), device=device, dtype=torch.float64)
-    interval_steps, t_log, t_start, start_step = 0, time.time(), time.time(), step
+    stats = IntervalStats(device, diffusion.num_timesteps, args.log_quartiles)
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+    t_start, start_step = time.time(), step
     bar = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process or args.no_progress,
                dynamic_ncols=True, mininterval=2.0)
     while step < max_steps:
@@ -411,74 +491,80 @@ def main(args):
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
-            losses, t, grad_norm = train_step(accelerator, model, diffusion, opt, scheduler, ema, params, x, y,
-                                              max_norm, decay)
+            stats.add(*train_step(accelerator, training, diffusion, x, y, max_norm, decay,
+                                  args.gradient_accumulation_steps))
             step += 1
-            interval_steps += 1
-            loss_sum += losses.sum()
-            norm_sum += grad_norm.detach().double() if torch.is_tensor(grad_norm) else grad_norm
-            if args.log_quartiles:
-                q = (t * 4 // diffusion.num_timesteps).long()
-                quart_sum.index_add_(0, q, losses.double())
-                quart_cnt.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
             bar.update(1)
-
             if step % args.log_every == 0 or step == max_steps:
-                total = reduce(torch.stack([loss_sum, *quart_sum, *quart_cnt]), "sum")
-                now = time.time()
-                steps_per_s = interval_steps / (now - t_log)
-                images = steps_per_s * args.global_batch_size
-                stats = {
-                    "loss": total[0].item() / (interval_steps * args.global_batch_size),
-                    "grad_norm": norm_sum.item() / interval_steps,
-                    "lr": scheduler.get_last_lr()[0],
-                    "steps_per_s": steps_per_s,
-                    "images_per_s": images,
-                    "tflops_per_device": images * flops_per_image / world / 1e12,
-                }
-                if args.log_quartiles:
-                    for i in range(4):
-                        count = total[5 + i].item()
-                        stats[f"loss_q{i}"] = total[1 + i].item() / count if count else float("nan")
-                eta = (max_steps - step) * (now - t_start) / max(step - start_step, 1)
-                logger.info(f"step {step:07d}/{max_steps} epoch {epoch} " + " ".join(
-                    f"{k} {v:.4g}" for k, v in stats.items()) + f" eta {format_seconds(eta)}")
+                record = dict(step=step, epoch=epoch, **stats.read(world), lr=training.scheduler.get_last_lr()[0])
+                record["tflops_per_device"] = record["images_per_s"] * flops_per_image / world / 1e12
+                eta = (max_steps - step) * (time.time() - t_start) / max(step - start_step, 1)
+                log.info(f"step {step:07d}/{max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                                                  if k != "step") + f" eta {format_seconds(eta)}")
+                log.stats(record)
                 if args.report_to != "none":
-                    accelerator.log(stats, step=step)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}")
-                loss_sum.zero_(), quart_sum.zero_(), quart_cnt.zero_(), norm_sum.zero_()
-                interval_steps, t_log = 0, time.time()
-
+                    accelerator.log(record, step=step)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
             if step % args.ckpt_every == 0 or step == max_steps:
-                save_checkpoint()
+                data = checkpoint_state(training, accelerator, step, model_config, meta, train_config, parent)
+                if accelerator.is_main_process:
+                    log.info(f"saved checkpoint {save_checkpoint(data, ckpt_dir, args.ckpt_keep_last, args.ckpt_keep_every)}")
+                accelerator.wait_for_everyone()
             if step >= max_steps:
                 break
     bar.close()
-
-    if world > 1 and not fsdp:
-        # DDP keeps replicas equal; check it (a divergence would mean a nondeterministic collective).
-        digest = hashlib.sha1()
-        for p in params:
-            digest.update(p.detach().cpu().numpy().tobytes())
-        digests = gather_object([digest.hexdigest()])
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"model replicas differ after training: {digests}")
-        logger.info(f"weights identical on all {world} processes (sha1 {digests[0][:12]})")
-    logger.info("done")
+    check_replicas(training, accelerator, log)
+    log.info("done")
     accelerator.end_training()
-    return exp_dir
+    return run_dir
+
+
+def check_replicas(training, accelerator, log):
+    """DDP keeps replicas equal; check it (a divergence would mean a nondeterministic collective)."""
+    if accelerator.num_processes == 1 or accelerator.distributed_type == DistributedType.FSDP:
+        return
+    digest = hashlib.sha1()
+    for p in training.params:
+        digest.update(p.detach().cpu().numpy().tobytes())
+    digests = gather_object([digest.hexdigest()])
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"model replicas differ after training: {digests}")
+    log.info(f"weights identical on all {accelerator.num_processes} processes (sha1 {digests[0][:12]})")
+
+
+# DiT's and fast-DiT's train.py flags for the images; here they belong to extract_features.py.
+IMAGE_FLAGS = ("--data-path", "--image-size", "--num-classes", "--vae")
+
+
+def image_flags_error(argv):
+    """The message for DiT's image flags: train.py reads a latent store, and the command that makes one."""
+    legacy = argparse.ArgumentParser(add_help=False)
+    for flag in IMAGE_FLAGS:
+        legacy.add_argument(flag)
+    given, _ = legacy.parse_known_args(argv)
+    command = ["python extract_features.py", f"--data-path {given.data_path or '/path/to/imagenet/train'}",
+               f"--features-path features/imagenet{given.image_size or 256}"]
+    command += [f"--image-size {given.image_size}"] if given.image_size else []
+    command += [f"--vae {given.vae}"] if given.vae else []
+    return (f"{' '.join(f for f in IMAGE_FLAGS if any(a.split('=')[0] == f for a in argv))}: train.py trains "
+            f"from a latent store, which fixes the images, their size, the autoencoder and the classes. Make "
+            f"one first with\n  {' '.join(command)}\nthen pass --features-path "
+            f"features/imagenet{given.image_size or 256} to train.py")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--features-path", "--feature-path", dest="features_path", type=str, required=True,
                         help="latent store from extract_features.py (--feature-path: fast-DiT's spelling)")
-    parser.add_argument("--results-dir", type=str, default="results")
+    parser.add_argument("--results-dir", type=str, default=None,
+                        help="where run folders go (default results; with --resume: see the module docstring)")
     parser.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=1400)
     length.add_argument("--max-steps", type=int, default=None, help="train this many steps (overrides --epochs)")
     parser.add_argument("--global-batch-size", type=int, default=256)
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                        help="split each process's batch into this many micro-batches (the same update, less memory)")
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup")
@@ -489,7 +575,8 @@ def parse_args(argv=None):
                         help="decay min(ema_decay, (1 + step) / (10 + step)): useful for short runs")
     parser.add_argument("--class-dropout-prob", type=float, default=0.1)
     parser.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")
-    parser.add_argument("--mixed-precision", type=str, choices=["bf16", "fp16", "no"], default="bf16")
+    parser.add_argument("--mixed-precision", type=str, choices=["bf16", "fp16", "no"], default=None,
+                        help="default: what accelerate launch or accelerate config sets, else bf16")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward pass")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--num-workers", type=int, default=4)
@@ -500,12 +587,16 @@ def parse_args(argv=None):
     parser.add_argument("--ckpt-keep-every", type=int, default=100_000,
                         help="also keep every checkpoint whose step is a multiple of this (0: none)")
     parser.add_argument("--resume", type=str, default=None,
-                        help="a checkpoint path, or auto: the latest checkpoint of the newest experiment "
-                             "of --model in --results-dir (starts fresh if there is none)")
+                        help="a checkpoint path, or auto: the latest readable checkpoint of the newest run of "
+                             "--model in --results-dir (starts fresh if there is none)")
     parser.add_argument("--report-to", type=str, choices=["tensorboard", "wandb", "none"], default="none")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a.split("=")[0] in IMAGE_FLAGS for a in argv):  # before argparse asks for --features-path
+        parser.error(image_flags_error(argv))
     args = parser.parse_args(argv)
-    for name in ("epochs", "global_batch_size", "log_every", "ckpt_every", "ckpt_keep_last"):
+    for name in ("epochs", "global_batch_size", "gradient_accumulation_steps", "log_every", "ckpt_every",
+                 "ckpt_keep_last"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.max_steps is not None and args.max_steps <= 0:
@@ -514,6 +605,8 @@ def parse_args(argv=None):
         parser.error("--ema-decay and --class-dropout-prob must be in [0, 1)")
     if args.num_workers < 0 or args.warmup_steps < 0 or args.ckpt_keep_every < 0:
         parser.error("--num-workers, --warmup-steps and --ckpt-keep-every must be >= 0")
+    if args.results_dir is not None and os.path.exists(args.results_dir) and not os.path.isdir(args.results_dir):
+        parser.error(f"--results-dir {args.results_dir} is a file, not a folder")
     return parser, args
 
 
@@ -523,3 +616,5 @@ if __name__ == "__main__":
         main(args)
     except TrainError as e:
         parser.error(str(e))
+    except DiskFullError as e:
+        parser.exit(1, f"{parser.prog}: error: {e.strerror}\n")

@@ -9,12 +9,12 @@ gradient checkpointing and with torch.compile.
 Each setting runs train.main on a store of random 32x32 images (extract_features.py --vae none: 3x32x32
 inputs, the token count of DiT-S/2 on 256px latents) with the store's data loading, EMA, logging and
 a final checkpoint included. The figure is the best log interval after the first (warm-up, compile):
-other load on a shared machine only ever slows an interval down. TFLOP/s counts the model's matmul
-FLOPs, 3x the forward (train.forward_flops_per_image), whatever checkpointing recomputes.
+other load on a shared machine only ever slows an interval down. The figures come from the run's
+stats.jsonl. TFLOP/s counts the model's matmul
+FLOPs, 3x the forward (models.forward_flops_per_image), whatever checkpointing recomputes.
 """
 import argparse
 import os
-import re
 import sys
 import tempfile
 
@@ -46,18 +46,6 @@ def make_store(root, images, size=32, classes=4):
     return store
 
 
-def intervals(exp_dir):
-    """The logged figures of every interval: list of {name: value}."""
-    out = []
-    with open(os.path.join(exp_dir, "log.txt")) as f:
-        for line in f:
-            m = re.search(r"step \d+/\d+ epoch \d+ (.*) eta", line)
-            if m:
-                fields = m.group(1).split()
-                out.append({k: float(v) for k, v in zip(fields[::2], fields[1::2])})
-    return out
-
-
 def settings(quick):
     """(label, extra train.py flags) of every measured setting."""
     rows = [("bf16", []), ("bf16 grad checkpointing", ["--grad-checkpointing"])]
@@ -79,7 +67,7 @@ def main(args):
                     "--no-progress", *extra]
             _, train_args = train.parse_args(argv)
             exp = train.main(train_args)
-            best = max(intervals(exp)[1:], key=lambda s: s["images_per_s"])
+            best = max(train.read_stats(exp)[1:], key=lambda s: s["images_per_s"])
             name = f"train.py {args.model} x{args.batch_size} 32x32 {label}"
             command = f"{COMMAND} --model {args.model} --batch-size {args.batch_size} --steps {args.steps}" \
                 + (" --quick" if args.quick else "")

@@ -18,20 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusion import create_diffusion  # noqa: E402
-from models import DiT_models  # noqa: E402
+from models import DiT_models, forward_flops_per_image  # noqa: E402
 
 COMMAND = "python bench/bench_train_step.py"
-
-
-def dit_forward_flops(model, batch_size):
-    """Matmul FLOPs of one forward pass (2 per multiply-add); the small embedders are left out."""
-    T = (model.input_size // model.patch_size) ** 2
-    D = model.pos_embed.shape[-1]
-    per_token_per_block = 2 * 12 * D * D + 2 * 2 * T * D  # qkv + proj + 2 MLP layers, QK^T and AV
-    blocks = batch_size * T * len(model.blocks) * per_token_per_block
-    adaln = batch_size * len(model.blocks) * 2 * D * 6 * D
-    final = batch_size * T * 2 * D * model.final_layer.linear.out_features
-    return blocks + adaln + final
 
 
 def matmul_seconds(a, b):
@@ -67,29 +56,37 @@ def measure(model_name, batch_size, dtype, steps, warmup, n=2048):
         if i >= warmup:
             step_times.append(time.perf_counter() - start)
             matmul_times.append(matmul_time)
-    return min(step_times), min(matmul_times), dit_forward_flops(model, batch_size), 2 * n**3
+    return min(step_times), min(matmul_times), batch_size * forward_flops_per_image(model), 2 * n**3
 
 
-def main(model="DiT-S/2", batch_size=8, steps=8, warmup=2):
+def main(args):
     """:return: rows of (name, value, command) for bench/run.py."""
     rows = []
-    command = f"{COMMAND} --model {model} --batch-size {batch_size} --steps {steps}"
+    command = f"{COMMAND} --model {args.model} --batch-size {args.batch_size} --steps {args.steps}"
     for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16 autocast")):
-        step_time, matmul_time, forward_flops, matmul_flops = measure(model, batch_size, dtype, steps, warmup)
+        step_time, matmul_time, forward_flops, matmul_flops = measure(args.model, args.batch_size, dtype, args.steps,
+                                                                      args.warmup)
         achieved, peak = 3 * forward_flops / step_time / 1e12, matmul_flops / matmul_time / 1e12
-        name = f"train step {model} x{batch_size} {label}"
-        rows.append((f"{name}: images/s", f"{batch_size / step_time:.1f}", command))
+        name = f"train step {args.model} x{args.batch_size} {label}"
+        rows.append((f"{name}: images/s", f"{args.batch_size / step_time:.1f}", command))
         rows.append((f"{name}: TFLOP/s (matmul {peak:.2f})", f"{achieved:.3f}", command))
         rows.append((f"{name}: fraction of matmul throughput", f"{achieved / peak:.0%}", command))
+    for name, value, _ in rows:
+        print(f"{name}: {value}")
     return rows
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=list(DiT_models), default="DiT-S/2")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    args = parser.parse_args()
-    for name, value, _ in main(args.model, args.batch_size, args.steps, args.warmup):
-        print(f"{name}: {value}")
+    args = parser.parse_args(argv)
+    if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
+        parser.error("--batch-size and --steps must be positive, --warmup >= 0")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,7 +1,7 @@
 """
 DiT-XL/2 training throughput on one GPU: 256px (32x32x4 latents), bf16 autocast with float32 master
-weights, the largest batch that fits, through train.py's own step (forward, loss, backward, gradient
-norm, AdamW, EMA). Prints images/s, peak memory and MFU against the device's dense bf16 peak.
+weights, the largest batch that fits, through train.py's own setup (make_training) and step (forward,
+loss, backward, gradient norm, AdamW, EMA). Prints images/s, peak memory and MFU against the device's dense bf16 peak.
 
     python bench/gpu_train.py                    # plain, compiled, and checkpointed at twice the batch (< 3 min)
     python bench/gpu_train.py --quick            # plain only, fewer steps
@@ -9,7 +9,7 @@ norm, AdamW, EMA). Prints images/s, peak memory and MFU against the device's den
 
 The largest batch is searched downwards from --batch-sizes (a batch that runs out of memory is skipped).
 Inputs are random tensors on the device, so the figure is the model's and the optimizer's, not the
-data loader's. FLOPs are train.forward_flops_per_image x 3 (the recomputation of checkpointing is not
+data loader's. FLOPs are models.forward_flops_per_image x 3 (the recomputation of checkpointing is not
 counted as useful work); fast-DiT's A100 figure (0.84 steps/s at batch 128) is about 12% MFU.
 """
 import argparse
@@ -24,7 +24,7 @@ import train  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
-from models import DiT_models  # noqa: E402
+from models import DiT_models, forward_flops_per_image  # noqa: E402
 
 COMMAND = "python bench/gpu_train.py"
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s; matched by substring
@@ -50,17 +50,11 @@ def measure(model_name, batch, steps, warmup, grad_checkpointing=False, compile_
     AcceleratorState._reset_state(True)
     accelerator = Accelerator(mixed_precision="bf16")
     torch.manual_seed(0)
+    model_config = dict(model=model_name, input_size=32, in_channels=4, num_classes=1000)
     with torch.device("cuda"):  # initialised on the GPU: seconds instead of a minute of CPU work
-        model = DiT_models[model_name](input_size=32, num_classes=1000, grad_checkpointing=grad_checkpointing)
-    flops = 3 * train.forward_flops_per_image(model)
-    if compile_blocks:
-        for block in model.blocks:
-            block.compile()
-    opt = train.make_optimizer(model, lr=1e-4, device=torch.device("cuda"), fsdp=False)
-    model, opt = accelerator.prepare(model, opt)
-    params = list(accelerator.unwrap_model(model).parameters())
-    ema = [p.detach().clone() for p in params]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        training = train.make_training(accelerator, model_config, lr=1e-4, grad_checkpointing=grad_checkpointing,
+                                       compile=compile_blocks)
+    flops = 3 * forward_flops_per_image(training.raw)
     diffusion = create_diffusion(timestep_respacing="")
     x = torch.randn(batch, 4, 32, 32, device="cuda")
     y = torch.randint(0, 1000, (batch,), device="cuda")
@@ -70,11 +64,11 @@ def measure(model_name, batch, steps, warmup, grad_checkpointing=False, compile_
             if i == warmup:
                 torch.cuda.synchronize()
                 start = time.perf_counter()
-            train.train_step(accelerator, model, diffusion, opt, scheduler, ema, params, x, y, float("inf"), 0.9999)
+            train.train_step(accelerator, training, diffusion, x, y, float("inf"), 0.9999)
         torch.cuda.synchronize()
         return (time.perf_counter() - start) / steps, torch.cuda.max_memory_allocated() / 2**30, flops
     finally:
-        del model, opt, ema, params, scheduler
+        del training
         torch.cuda.empty_cache()
 
 

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(BENCH_DIR))
 
 def run_train_step(quick):
     import bench_train_step
-    return bench_train_step.main(steps=3 if quick else 8, warmup=1 if quick else 2)
+    return bench_train_step.main(bench_train_step.parse_args(["--steps", "3", "--warmup", "1"] if quick else []))
 
 
 def run_latents(quick):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import GOLDEN_DIR
-from models import DIT_CONFIGS, DiT, DiT_models, DiT_XL_2, Guidance, get_2d_sincos_pos_embed
+from models import DIT_CONFIGS, DiT, DiT_models, DiT_XL_2, Guidance, forward_flops_per_image, get_2d_sincos_pos_embed
 
 PAPER_SIZES = [f"DiT-{s}/{p}" for s in ("XL", "L", "B", "S") for p in (2, 4, 8)]
 
@@ -190,3 +190,16 @@ def test_compiles_without_graph_breaks_in_blocks():
     x, c = torch.randn(2, 16, 64), torch.randn(2, 64)
     explanation = torch._dynamo.explain(block)(x, c)
     assert explanation.graph_break_count == 0
+
+
+@pytest.mark.parametrize("name", ["DiT-S/2", "DiT-B/4", "DiT-XL/2"])
+def test_flop_count_matches_torch_flop_counter(name):
+    """forward_flops_per_image equals what torch counts for the matmuls of a real forward pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = DiT_models[name](input_size=32, num_classes=1000).eval()
+        x, t, y = torch.randn(2, 4, 32, 32), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            model(x, t, y)
+    assert counter.get_total_flops() == 2 * forward_flops_per_image(model)
