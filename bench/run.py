@@ -25,6 +25,7 @@ import torch
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 sys.path.insert(0, os.path.dirname(BENCH_DIR))
+from files import atomic_write  # noqa: E402
 
 
 def run_train_step(quick):
@@ -149,16 +150,19 @@ def main(args):
 
 
 def write(path, text):
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path, "w") as f:
         f.write(text)
-    os.replace(path + ".tmp", path)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--quick", action="store_true", help="each benchmark's smoke-run sizes")
     parser.add_argument("--gpu", action="store_true", help="the lent-GPU set instead of the CPU set")
     parser.add_argument("--only", nargs="+", default=None,
                         help=f"run only these: {', '.join(BENCHMARKS)}; with --gpu {', '.join(GPU_BENCHMARKS)}")
     parser.add_argument("--output", default=None, help="also write the table to this markdown file")
-    sys.exit(main(parser.parse_args()))
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))
