@@ -390,10 +390,13 @@ def make_accelerator(args):
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
         raise TrainError(f"--report-to {args.report_to} needs the {args.report_to} package: pip install "
                          f"{args.report_to}, or pass --report-to none")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
-                              gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              log_with=None if args.report_to == "none" else args.report_to,
-                              project_dir=args.results_dir or "results")  # the run folder, once known
+    try:
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
+                                  gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                  log_with=None if args.report_to == "none" else args.report_to,
+                                  project_dir=args.results_dir or "results")  # the run folder, once known
+    except ValueError as e:  # e.g. a mode this accelerate does not know, from the environment
+        raise TrainError(f"mixed precision {precision} (from {source}): {e}") from e
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise TrainError("FSDP needs fsdp_version: 2 in the accelerate config (see configs/fsdp.yaml)")
     if args.global_batch_size % (accelerator.num_processes * args.gradient_accumulation_steps):

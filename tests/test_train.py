@@ -173,6 +173,10 @@ def test_precision_comes_from_the_flag_then_accelerate_then_bf16(latent_store, t
         run(latent_store, tmp_path, "--max-steps", "1"))
     assert "mixed precision bf16 (from --mixed-precision)" in log_text(
         run(latent_store, tmp_path, "--max-steps", "1", "--mixed-precision", "bf16"))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp9")
+    with pytest.raises(train.TrainError, match="mixed precision fp9 .from accelerate launch / accelerate config.: "
+                                               "Unknown mixed_precision mode"):
+        run(latent_store, tmp_path, "--max-steps", "1")
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     assert "mixed precision bf16 (from train.py's default)" in log_text(run(latent_store, tmp_path, "--max-steps", "1"))
 
