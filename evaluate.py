@@ -2,7 +2,7 @@
 Score samples the way ADM's evaluation suite does (FID, sFID, Inception Score, precision, recall), in
 PyTorch: a replacement for openai/guided-diffusion's TensorFlow `evaluations/evaluator.py`.
 
-    python evaluate.py VIRTUAL_imagenet256_labeled.npz samples/DiT-XL-2-DiT-XL-2-256x256-size-256-vae-ema-cfg-1.5-ddpm-250-seed-0.npz
+    python evaluate.py VIRTUAL_imagenet256_labeled.npz samples/<run name>.npz        # what sample_ddp.py wrote
     python evaluate.py --save-stats imagenet256_stats.npz imagenet256_train.npz   # summarise a reference once
     python evaluate.py imagenet256_stats.npz samples/<run name>.npz                # ... and reuse it
     python evaluate.py --inception pt_inception-2015-12-05-6726825d.pth REF.npz SAMPLES.npz
@@ -512,7 +512,8 @@ def main(args):
     ref = summarize(ref_batch, net, args.batch_size, device)
     if args.save_stats:
         save_stats(args.save_stats, ref)
-        print(f"wrote {args.save_stats}: mu, sigma, mu_s, sigma_s of the {ref_batch.shape[0]} images in {ref_batch.path}")
+        print(f"wrote {args.save_stats}: mu, sigma, mu_s, sigma_s of the {ref_batch.shape[0]} images "
+              f"in {ref_batch.path}")
         return
     print("computing sample batch activations...", file=sys.stderr)
     sample = summarize(sample_batch, net, args.batch_size, device)
@@ -526,7 +527,8 @@ def main(args):
     record = dict(results, samples=sample_batch.path, reference=ref_batch.path,
                   num_samples=sample_batch.shape[0],
                   num_reference=None if ref_batch.shape is None else ref_batch.shape[0],
-                  sample_size=list(sample_batch.size), reference_size=None if ref_batch.size is None else list(ref_batch.size),
+                  sample_size=list(sample_batch.size),
+                  reference_size=None if ref_batch.size is None else list(ref_batch.size),
                   reference_stats="precomputed" if ref.precomputed else "computed",
                   sample_stats="precomputed" if sample.precomputed else "computed", settings=settings)
     output = args.output or default_output(ref_batch.path, sample_batch.path)

@@ -100,9 +100,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("ref_batch")
     parser.add_argument("sample_batch")
-    parser.add_argument("--adm", required=True, metavar="evaluator.py", help="openai/guided-diffusion's evaluations/evaluator.py")
+    parser.add_argument("--adm", required=True, metavar="evaluator.py",
+                        help="openai/guided-diffusion's evaluations/evaluator.py")
     parser.add_argument("--graph", required=True, metavar="classify_image_graph_def.pb", help="ADM's Inception graph")
-    parser.add_argument("--inception", metavar="PATH", help="evaluate.py's weights (default: as evaluate.py finds them)")
+    parser.add_argument("--inception", metavar="PATH",
+                        help="evaluate.py's weights (default: as evaluate.py finds them)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)

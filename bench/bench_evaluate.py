@@ -2,21 +2,22 @@
 evaluate.py's feature extraction against pytorch-fid's own, on the same images in one run; and the
 memory precision/recall needs at ADM's sizes (50,000 samples x 10,000 references).
 
-    python bench/bench_evaluate.py                   # 48 images of 256x256, CPU: about 2 minutes on 2 busy cores
-    python bench/bench_evaluate.py --quick           # 16 images, 2 rounds: a smoke run
-    python bench/bench_evaluate.py --device cuda --num-images 2000 --batch-size 200
+    python bench/bench_evaluate.py                   # 48 images of 256x256, CPU: about 5 minutes on 2 busy cores
+    python bench/bench_evaluate.py --quick           # 16 images, 2 rounds, smaller precision/recall: a smoke run
+    python bench/bench_evaluate.py --device cuda --num-images 2000 --batch-size 200 --pr-dim 2048
 
-Both extract pool_3 features with the same (random) Inception weights: speed does not depend on them,
-and nothing is downloaded. pytorch-fid reads the images as PNG files through its get_activations
-(decode, ToTensor, its resize, the network), evaluate.py reads them from an .npz through its
-summarize (the streaming reader, TensorFlow 1's resize, the network with the spatial features and
-the softmax, the running statistics): each tool's whole path from its own input format. The
-networks alone are also timed on images already in memory, pytorch-fid's fed both as its loader
-feeds it (contiguous NCHW) and in channels-last layout, in which the CPU's convolutions run faster. Rounds alternate between the two so
-that a busy machine slows both alike; each figure is the median over rounds. Precision/recall is
-timed on random features of --pr-dim dimensions (2048 is ADM's; the memory of the blocked distance
-computation does not depend on it, the time does) and its peak memory is the rise of the process's
-maximum resident size. On the CPU one torch thread is used, as in bench_sample.py. From Python,
+Both extract pool_3 features with the same (random) Inception weights: speed does not depend on
+them, and nothing is downloaded. pytorch-fid reads the images as PNG files through its
+get_activations (decode, ToTensor, its resize, the network); evaluate.py reads them from an .npz
+through its summarize (the streaming reader, TensorFlow 1's resize, the network with the spatial
+features and the softmax, the running statistics): each tool's whole path from its own input
+format. The networks alone are also timed on images already in memory, pytorch-fid's fed both as
+its loader feeds it (contiguous NCHW) and in channels-last layout, in which the CPU's convolutions
+run faster. The timed runs take turns within each round, so that a busy machine slows all alike;
+each figure is the median over rounds. Precision/recall is timed on random features of --pr-dim
+dimensions (2048 is ADM's; the memory of the blocked distances does not depend on it, the time
+does), and its memory is the rise of the process's peak resident size (of the GPU's peak
+allocation on a GPU). On the CPU one torch thread is used, as in bench_sample.py. From Python,
 main(args) returns rows (name, value, command) for bench/run.py.
 """
 import argparse
@@ -153,7 +154,8 @@ def main(args):
         rows += [(f"{pr}: seconds", round(seconds, 1), command), (f"{pr}: peak memory added, MiB", round(mib), command)]
         with tempfile.TemporaryDirectory() as folder:
             speeds = bench_extraction(args, device, folder)
-        setting = f"{args.num_images} images {args.image_size}x{args.image_size}, batch {args.batch_size}, {device.type}"
+        setting = (f"{args.num_images} images {args.image_size}x{args.image_size}, batch {args.batch_size}, "
+                   f"{device.type}")
         for name, value in speeds.items():
             rows.append((f"{name}: images/s ({setting})", round(value, 2), command))
         ours_whole, ours_network = speeds["evaluate.py summarize (npz)"], speeds["evaluate.py network only"]

@@ -174,7 +174,8 @@ def test_frechet_distance_falls_back_to_an_offset_when_the_root_is_not_finite(mo
     fd = evaluate.frechet_distance(mu, sigma1, mu, sigma2, eps=eps)
     offset = eps * np.eye(8)
     assert len(calls) == 2 and "singular" in capsys.readouterr().err
-    expected = np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(real_sqrtm((sigma1 + offset) @ (sigma2 + offset)).real)
+    root = real_sqrtm((sigma1 + offset) @ (sigma2 + offset)).real
+    expected = np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root)
     assert fd == pytest.approx(expected, rel=1e-10)
 
 
@@ -216,8 +217,9 @@ def test_precision_recall_on_a_worked_example():
 def test_precision_recall_in_blocks_equal_the_whole_distance_matrix():
     """Blocked radii and membership (memory bounded at any size) give what the full matrices give."""
     g = torch.Generator().manual_seed(5)
-    ref, sample = torch.randn(37, 8, generator=g, dtype=torch.float64), torch.randn(53, 8, generator=g, dtype=torch.float64) + 0.3
-    d_ref, d_sample, d_cross = torch.cdist(ref, ref) ** 2, torch.cdist(sample, sample) ** 2, torch.cdist(ref, sample) ** 2
+    ref = torch.randn(37, 8, generator=g, dtype=torch.float64)
+    sample = torch.randn(53, 8, generator=g, dtype=torch.float64) + 0.3
+    d_ref, d_sample, d_cross = (torch.cdist(a, b) ** 2 for a, b in ((ref, ref), (sample, sample), (ref, sample)))
     r_ref, r_sample = d_ref.sort(1).values[:, 3], d_sample.sort(1).values[:, 3]
     precision = (d_cross <= r_ref[:, None]).any(0).double().mean().item()
     recall = (d_cross <= r_sample[None]).any(1).double().mean().item()
