@@ -48,6 +48,11 @@ def run_sample(quick):
     return bench_sample.main(bench_sample.parse_args(["--quick"] if quick else []))
 
 
+def run_evaluate(quick):
+    import bench_evaluate
+    return bench_evaluate.main(bench_evaluate.parse_args(["--quick"] if quick else []))
+
+
 def run_gpu_sample(quick):
     import bench_sample
     # DiT's FID setting: DiT-XL/2 on 32x32x4 latents (256x256 images), a batch of 64 under guidance.
@@ -66,6 +71,7 @@ BENCHMARKS = {
     "latents": ("latent store vs file-per-image reading; batched extraction", run_latents),
     "train": ("train.py end to end", run_train),
     "sample": ("samplers: images/s", run_sample),
+    "evaluate": ("evaluate.py's Inception features against pytorch-fid; precision/recall memory", run_evaluate),
 }
 GPU_BENCHMARKS = {
     "gpu_sample": ("DiT-XL/2 256px samplers on the GPU: images/s", run_gpu_sample),

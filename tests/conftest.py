@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny autoencoder saved like a hub model, and a tiny ImageFolder with the awkward
 inputs ImageNet has (grayscale, CMYK, RGBA, palette, odd sizes) plus files that cannot be read."""
+import http.server
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,47 @@ def toy(x, t, y=None, **kwargs):
     """The golden README's fixed learned-sigma denoiser: 2C output channels."""
     s = t.float().view(-1, 1, 1, 1) / 1000.0
     return torch.cat([torch.sin(x + s), torch.tanh(0.5 * x - s)], dim=1)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: exact sums, and no oversubscription of the 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class FileServer(http.server.BaseHTTPRequestHandler):
+    """GET /<path> answers routes[path] = (body, content type, announced Content-Length or None for the
+    body's own); `requests` lists the paths asked for."""
+
+    routes, requests = {}, []
+
+    def do_GET(self):
+        path = self.path.strip("/")
+        self.requests.append(path)
+        body, kind, length = self.routes[path]
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def file_server():
+    """A local HTTP server on 127.0.0.1 (the download code's only network in the tests): yields
+    (base URL, FileServer) with empty routes to fill."""
+    FileServer.routes, FileServer.requests = {}, []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FileServer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", FileServer
+    httpd.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,9 @@
 """checkpoints.py: reading every accepted format, the verified download, strict model building, and
 train.py's atomic save with pruning."""
 import argparse
-import http.server
 import io
 import json
 import os
-import threading
 import zlib
 
 import pytest
@@ -16,36 +14,6 @@ from checkpoints import CheckpointError, DownloadError
 from conftest import GOLDEN_DIR, small_state_dict, train_checkpoint
 
 RELEASED = "DiT-XL-2-256x256.pt"
-
-
-class _Server(http.server.BaseHTTPRequestHandler):
-    """GET /<mode>/<name> serves files[name]: `good` whole, `cut` half of it under the full
-    Content-Length, `html` an error page as a 200, `empty` a 200 with no body."""
-
-    files = {}
-
-    def do_GET(self):
-        mode, name = self.path.strip("/").split("/")
-        data = self.files[name]
-        body = {"good": data, "cut": data[: len(data) // 2], "empty": b"",
-                "html": b"<html><body>rate limit exceeded</body></html>"}[mode]
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html" if mode == "html" else "application/octet-stream")
-        self.send_header("Content-Length", str(len(data) if mode == "cut" else len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        self.close_connection = True
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="module")
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Server)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
 
 
 def released_like(size):
@@ -64,16 +32,26 @@ def test_released_keys_are_the_manifests():
         assert checkpoints.released_shapes(f"DiT-XL-2-{size}x{size}.pt") == {k: tuple(v) for k, v in manifest.items()}
 
 
-def test_download_interrupted_then_complete_and_strict_released_load(server, tmp_path, monkeypatch):
-    _Server.files = {RELEASED: released_like(256)}
+def serve(server, data):
+    """Routes for the released name: `good` the file, `cut` half of it under the full Content-Length,
+    `html` an error page as a 200, `empty` a 200 with no body."""
+    server.routes.update({f"good/{RELEASED}": (data, "application/octet-stream", None),
+                          f"cut/{RELEASED}": (data[: len(data) // 2], "application/octet-stream", len(data)),
+                          f"html/{RELEASED}": (b"<html><body>rate limit exceeded</body></html>", "text/html", None),
+                          f"empty/{RELEASED}": (b"", "application/octet-stream", None)})
+
+
+def test_download_interrupted_then_complete_and_strict_released_load(file_server, tmp_path, monkeypatch):
+    base, server = file_server
+    serve(server, released_like(256))
     dest = tmp_path / "pretrained_models"
     with pytest.raises(DownloadError, match="256x256.*stopped after"):
-        checkpoints.load_checkpoint(RELEASED, dest_dir=str(dest), base_url=server + "/cut")
+        checkpoints.load_checkpoint(RELEASED, dest_dir=str(dest), base_url=base + "/cut")
     assert os.listdir(dest) == []  # nothing half-written is left, under any name
-    monkeypatch.setenv(checkpoints.DOWNLOAD_URL_ENV, server + "/good")  # the override the docs mention
+    monkeypatch.setenv(checkpoints.DOWNLOAD_URL_ENV, base + "/good")  # the override the docs mention
     ckpt = checkpoints.load_checkpoint(RELEASED, dest_dir=str(dest))
-    assert os.listdir(dest) == [RELEASED] and (dest / RELEASED).read_bytes() == _Server.files[RELEASED]
-    monkeypatch.setenv(checkpoints.DOWNLOAD_URL_ENV, server + "/cut")  # present now: no second download
+    assert os.listdir(dest) == [RELEASED] and (dest / RELEASED).read_bytes() == released_like(256)
+    monkeypatch.setenv(checkpoints.DOWNLOAD_URL_ENV, base + "/cut")  # present now: no second download
     assert checkpoints.load_checkpoint(RELEASED, dest_dir=str(dest)).config["model"] == "DiT-XL/2"
 
     spec = checkpoints.resolve_spec(ckpt)
@@ -89,16 +67,16 @@ def test_download_interrupted_then_complete_and_strict_released_load(server, tmp
                                         ("empty", r"got 0 bytes of application/octet-stream"),
                                         ("wrong", r"got .* bytes of application/octet-stream.*does not have the "
                                                   r"released DiT-XL/2 keys and shapes")])
-def test_a_wrong_download_is_not_kept(server, tmp_path, mode, what):
-    # "wrong": a real checkpoint of the announced size, but of another model.
-    _Server.files = {RELEASED: torch_bytes(small_state_dict())}
+def test_a_wrong_download_is_not_kept(file_server, tmp_path, mode, what):
+    base, server = file_server
+    serve(server, torch_bytes(small_state_dict()))  # "wrong": a real checkpoint, but of another model
     dest = tmp_path / "pretrained_models"
     with pytest.raises(DownloadError, match=what + ".*nothing was kept"):
-        checkpoints.load_checkpoint(RELEASED, dest_dir=str(dest), base_url=server + ("/good" if mode == "wrong"
-                                                                                          else f"/{mode}"))
+        checkpoints.load_checkpoint(RELEASED, dest_dir=str(dest), base_url=base + ("/good" if mode == "wrong"
+                                                                                        else f"/{mode}"))
     assert os.listdir(dest) == []
-    _Server.files = {RELEASED: released_like(256)}  # the mirror is fixed: the next run fetches the real file
-    assert checkpoints.load_checkpoint(RELEASED, dest_dir=str(dest), base_url=server + "/good").config["image_size"] == 256
+    serve(server, released_like(256))  # the mirror is fixed: the next run fetches the real file
+    assert checkpoints.load_checkpoint(RELEASED, dest_dir=str(dest), base_url=base + "/good").config["image_size"] == 256
 
 
 def test_a_wrong_cached_released_file_says_how_to_refetch(tmp_path):

@@ -1,12 +1,10 @@
 """evaluate.py: the network against pytorch-fid's with the same (random) weights, each metric against
 its closed form, the streaming reader, the CLI end to end, bad inputs and the weights download."""
 import hashlib
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 from unittest import mock
 
 import numpy as np
@@ -20,12 +18,7 @@ from evaluate import EvaluationError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: every test here on one thread
 
 
 #################################################################################
@@ -377,40 +370,18 @@ def test_cli_end_to_end_writes_the_json_and_reuses_saved_statistics(tmp_path, we
 #################################################################################
 
 
-class _Server(http.server.BaseHTTPRequestHandler):
-    files, requests = {}, []
-
-    def do_GET(self):
-        name = self.path.strip("/")
-        self.requests.append(name)
-        data = self.files[name]
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-        self.close_connection = True
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="module")
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Server)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-
-
-def test_weights_are_kept_only_when_their_digest_matches_their_name(server, tmp_path, monkeypatch):
+def test_weights_are_kept_only_when_their_digest_matches_their_name(file_server, tmp_path, monkeypatch):
+    server, files = file_server
     data = os.urandom(5000)
     good = f"weights-{hashlib.sha256(data).hexdigest()[:8]}.pth"
-    _Server.files.update({good: data, "weights-0badc0de.pth": data, evaluate.INCEPTION_NAME: b"<html>moved</html>"})
+    files.routes.update({good: (data, "application/octet-stream", None),
+                         "weights-0badc0de.pth": (data, "application/octet-stream", None),
+                         evaluate.INCEPTION_NAME: (b"<html>moved</html>", "text/html", None)})
 
     path = evaluate.fetch_inception(good, str(tmp_path), base_url=server)
     assert open(path, "rb").read() == data
-    asked = len(_Server.requests)
-    assert evaluate.fetch_inception(good, str(tmp_path), base_url=server) == path and len(_Server.requests) == asked
+    asked = len(files.requests)
+    assert evaluate.fetch_inception(good, str(tmp_path), base_url=server) == path and len(files.requests) == asked
 
     with pytest.raises(DownloadError, match="where its name promises 0badc0de"):
         evaluate.fetch_inception("weights-0badc0de.pth", str(tmp_path), base_url=server)
