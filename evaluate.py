@@ -90,9 +90,6 @@ def fetch_inception(name=INCEPTION_NAME, dest_dir=PRETRAINED_DIR, base_url=None)
     :raises DownloadError.
     """
     dest = os.path.join(dest_dir, name)
-    if os.path.isfile(dest):  # only a verified download is ever renamed to this name
-        return dest
-    base_url = base_url or os.environ.get(INCEPTION_URL_ENV) or INCEPTION_URL
     expected = digest_in_name(name)
     assert expected, f"{name} carries no digest to verify a download against"
 
@@ -101,6 +98,13 @@ def fetch_inception(name=INCEPTION_NAME, dest_dir=PRETRAINED_DIR, base_url=None)
         if not found.startswith(expected):
             raise DownloadError(f"has sha256 {found[:16]}..., where its name promises {expected}")
 
+    if os.path.isfile(dest):  # checked again: a file copied in by hand, or damaged since, is not used
+        try:
+            verify(dest)
+        except DownloadError as e:
+            raise DownloadError(f"{dest} {e}: delete it to fetch it again: rm {dest}") from e
+        return dest
+    base_url = base_url or os.environ.get(INCEPTION_URL_ENV) or INCEPTION_URL
     return download(base_url.rstrip("/") + "/" + name, dest, verify)
 
 

@@ -389,3 +389,7 @@ def test_weights_are_kept_only_when_their_digest_matches_their_name(file_server,
     with pytest.raises(DownloadError, match=f"{server}/{evaluate.INCEPTION_NAME}"):
         evaluate.fetch_inception(dest_dir=str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == [good]  # nothing else kept, no temporary files
+    with open(path, "r+b") as f:  # damaged in the cache: reported with the command that refetches it
+        f.write(b"x")
+    with pytest.raises(DownloadError, match=f"where its name promises .*: delete it to fetch it again: rm {path}"):
+        evaluate.fetch_inception(good, str(tmp_path), base_url=server)
