@@ -100,7 +100,7 @@ def open_run(args, accelerator, model_config, meta):
     """
     Where this run writes and what it continues from (every process gets rank 0's answer).
 
-    :return: (run folder, checkpoint data or None, the checkpoint's path, parent path or None, notes to log).
+    :return: (run folder, checkpoint data or None, parent checkpoint path or None, notes to log).
     """
     notes, found = [], None
     if args.resume == "auto":
@@ -147,7 +147,7 @@ def open_run(args, accelerator, model_config, meta):
         else:
             run_dir = new_run_dir(args.results_dir or "results", args.model)
     run_dir, parent = gather_object([(run_dir, parent)])[0]
-    return run_dir, ckpt, path, parent, notes
+    return run_dir, ckpt, parent, notes
 
 
 class RunLog:
@@ -435,7 +435,7 @@ def main(args):
     meta = dataset.meta
     steps_per_epoch = len(dataset) // args.global_batch_size
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
-    run_dir, ckpt, ckpt_path, parent, notes = open_run(args, accelerator, model_config, meta)
+    run_dir, ckpt, parent, notes = open_run(args, accelerator, model_config, meta)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     step = int(ckpt["step"]) if ckpt else 0
     log = RunLog(run_dir, accelerator.is_main_process, resumed_step=step if ckpt else None)
@@ -463,7 +463,7 @@ def main(args):
     # Its own generator, so creating an iterator never draws from the global RNG (exact resume).
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.global_seed))
-    train_config = dict(vars(args))
+    train_config = vars(args)
     if args.report_to != "none":
         accelerator.project_configuration.set_directories(run_dir)  # tensorboard writes under the run
         accelerator.init_trackers(os.path.basename(run_dir), config={
