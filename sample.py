@@ -39,7 +39,7 @@ def main(args):
     noise = ImageNoise(args.seed, range(n), loaded.latent_shape, device)
     y = torch.tensor(args.class_labels, device=device)
     samples = sample_latents(loaded.model, noise, y, args.sampler, args.num_sampling_steps, args.cfg_scale,
-                             args.guidance, args.guidance_interval, progress=True)
+                             args.guidance, args.guidance_interval, progress=True, spacing=args.solver_spacing)
     images = decode(loaded.vae, samples, loaded.scaling_factor)
     save_image(images, args.output, nrow=args.nrow, normalize=True, value_range=(-1, 1))
     print(f"saved {n} samples of {spec.model} ({spec.image_size}x{spec.image_size}, {args.sampler}, "

@@ -40,6 +40,8 @@ def run_name(args, spec):
     vae = os.path.basename(os.path.normpath(spec.vae))
     name = (f"{spec.model.replace('/', '-')}-{ckpt}-size-{spec.image_size}-vae-{vae}-cfg-{args.cfg_scale}"
             f"-{args.sampler}-{args.num_sampling_steps}-seed-{args.global_seed}")
+    if args.sampler == "dpm-solver" and args.solver_spacing != "logsnr":
+        name += f"-spacing-{args.solver_spacing}"
     if args.cfg_scale != 1.0 and args.guidance != "dit":
         name += f"-guidance-{args.guidance}"
     if args.cfg_scale != 1.0 and args.guidance_interval is not None:
@@ -83,7 +85,8 @@ def main(args):
                     model=spec.model, image_size=spec.image_size, vae=spec.vae, num_classes=spec.num_classes,
                     scaling_factor=loaded.scaling_factor, sampler=args.sampler,
                     num_sampling_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale, guidance=args.guidance,
-                    guidance_interval=args.guidance_interval, global_seed=args.global_seed)
+                    guidance_interval=args.guidance_interval, global_seed=args.global_seed,
+                    solver_spacing=args.solver_spacing if args.sampler == "dpm-solver" else None)
     settings_path = os.path.join(folder, "settings.json")
     if state.is_main_process:
         os.makedirs(folder, exist_ok=True)
@@ -121,7 +124,7 @@ def main(args):
             y = random_labels(args.global_seed, batch, spec.num_classes).to(device)
             noise = ImageNoise(args.global_seed, batch, loaded.latent_shape, device)
             samples = sample_latents(loaded.model, noise, y, args.sampler, args.num_sampling_steps, args.cfg_scale,
-                                     args.guidance, args.guidance_interval)
+                                     args.guidance, args.guidance_interval, spacing=args.solver_spacing)
             for i, image in zip(batch, to_uint8(decode(loaded.vae, samples, loaded.scaling_factor))):
                 with atomic_write(png(i)) as f:  # a PNG under its final name is always complete
                     Image.fromarray(image).save(f, format="PNG")

@@ -164,6 +164,10 @@ def add_sampling_args(parser, cfg_scale, vae):
     parser.add_argument("--num-sampling-steps", type=int, default=None,
                         help="model evaluations per image (doubled batch under guidance); default: "
                              + ", ".join(f"{s.value} {n}" for s, n in DEFAULT_STEPS.items()))
+    parser.add_argument("--solver-spacing", choices=[s.value for s in Spacing], default=Spacing.LOGSNR.value,
+                        help="dpm-solver's time grid: logsnr (uniform in log-SNR; the more accurate at 20 steps "
+                             "or more) or time (uniform in the timestep; at 10 steps or fewer); measured in "
+                             "diffusion/dpm_solver.py")
     parser.add_argument("--cfg-scale", type=float, default=cfg_scale, help="classifier-free guidance; 1 = none")
     parser.add_argument("--guidance", choices=[g.value for g in Guidance], default=Guidance.DIT.value,
                         help="dit: guide the first 3 latent channels as DiT's code (and its FIDs) does; "
@@ -202,7 +206,7 @@ def run_script(parser, args, main):
 
 @torch.no_grad()
 def sample_latents(model, noise, y, sampler, steps, cfg_scale=1.0, guidance=Guidance.DIT, interval=None,
-                   progress=False):
+                   progress=False, spacing=Spacing.LOGSNR):
     """
     Draw samples in the model's space (latents or pixels).
 
@@ -214,6 +218,7 @@ def sample_latents(model, noise, y, sampler, steps, cfg_scale=1.0, guidance=Guid
     :param sampler: a Sampler (or its value); steps: its number of model evaluations.
     :param cfg_scale: guidance scale; 1 samples without guidance (a plain conditional pass).
     :param guidance: a Guidance: which channels are guided. interval: (t_lo, t_hi) or None.
+    :param spacing: a Spacing (or its value): the dpm-solver's time grid; other samplers ignore it.
     :return: [N x C x H x W] samples.
     """
     sampler = Sampler(sampler)
@@ -248,7 +253,7 @@ def sample_latents(model, noise, y, sampler, steps, cfg_scale=1.0, guidance=Guid
                                        device=z.device, progress=progress, eta=0.0)
     else:
         alphas_cumprod = create_diffusion("", learn_sigma=learn_sigma).alphas_cumprod
-        solver = DPMSolver(alphas_cumprod, solver_timesteps(alphas_cumprod, steps, Spacing.LOGSNR))
+        solver = DPMSolver(alphas_cumprod, solver_timesteps(alphas_cumprod, steps, spacing))
         x = solver.sample(model_fn, z, model_kwargs=kwargs, progress=progress)
     return x[:n]
 

@@ -53,10 +53,28 @@ from tqdm.auto import tqdm
 
 
 class Spacing(enum.Enum):
-    """Where the solver evaluates the model between t = T - 1 and t = 0."""
+    """
+    Where the solver evaluates the model between t = T - 1 and t = 0.
 
-    LOGSNR = "logsnr"  # uniform in lambda: the default, clearly more accurate on the toy problems
-    TIME = "time"  # uniform in the discrete timestep, as DDIM and DDPM respacing
+    Measured on demo.py's guided digit model (DiT-Digits/4 after 600 steps, guidance 4): the mean
+    absolute difference of 100 samples, in [-1, 1] pixel units, from a 500-step solution, and the
+    share of generated digits a classifier labels right (200 samples; 100 at 5 steps):
+
+        steps   log-SNR-uniform   time-uniform
+          5     0.72, 35%         0.14, 100%
+         10     0.086, 100%       0.058, 100%
+         20     0.015, 100%       0.025, 100%
+
+    Both label every digit right at 10 and 20 steps. Log-SNR-uniform is the default: closer at the
+    20 steps the samplers default to (and on the unguided toy mixtures of tests/test_sample.py at
+    every step count), while time-uniform, which the DPM-Solver++ authors advise for guided
+    sampling, is closer at 10 steps and much safer below. Time-uniform's last step, from
+    t = (T - 1) / steps to 0, spans a wide range of lambda at first order, which limits it as the
+    steps grow.
+    """
+
+    LOGSNR = "logsnr"  # uniform in lambda (diffusers' use_lu_lambdas grid; the DPM-Solver paper's)
+    TIME = "time"  # uniform in the timestep (diffusers' "linspace" grid, which rounds it to integers)
 
 
 class _Schedule:

@@ -58,18 +58,29 @@ def test_quick_demo_runs_every_stage(tmp_path):
     with open(out / "scores.json") as f:
         report = json.load(f)
     assert os.path.isfile(out / report["checkpoint"])
-    grid = Image.open(out / report["grid"])
-    # torchvision's grid: 4 images per row (one digit), 10 rows, 8x8 images with 2-pixel padding.
-    assert grid.size == (2 + 4 * (8 + 2), 2 + 10 * (8 + 2))
+    # sample.py's grid: a row per digit, 8x8 images with torchvision's 2-pixel padding; the demo's copy is
+    # the same grid enlarged, every pixel a 6x6 square.
+    small = np.asarray(Image.open(out / "samples" / "digits_grid_8px.png").convert("RGB"))
+    assert small.shape == (2 + 10 * (8 + 2), 2 + demo.GRID_COLUMNS * (8 + 2), 3)
+    grid = np.asarray(Image.open(out / report["grid"]).convert("RGB"))
+    assert grid.shape == (small.shape[0] * demo.GRID_SCALE, small.shape[1] * demo.GRID_SCALE, 3)
+    np.testing.assert_array_equal(grid, small.repeat(demo.GRID_SCALE, axis=0).repeat(demo.GRID_SCALE, axis=1))
     assert report["classifier_held_out_accuracy"] > 0.97
     rows = report["scores"]
     assert [(r["sampler"], r["cfg_scale"] == 1.0) for r in rows] == [
         ("ddpm", True), ("ddpm", False), ("dpm-solver", True), ("dpm-solver", False)]
+    classifier, _ = demo.fit_classifier()
     for row in rows:
-        assert row["samples"] == 20 and 0.0 <= row["accuracy"] <= 1.0
+        assert row["samples"] == 20
         with np.load(out / row["npz"]) as data:
-            assert data["arr_0"].shape == (20, 8, 8, 3) and data["arr_0"].dtype == np.uint8
-            assert data["labels"].shape == (20,) and set(data["labels"]) <= set(range(10))
+            images, labels = data["arr_0"], data["labels"]
+        assert images.shape == (20, 8, 8, 3) and images.dtype == np.uint8 and set(labels) <= set(range(10))
+        # The score is the classifier's verdict on these very images against the labels drawn for them.
+        assert row["accuracy"] == (classifier.predict(demo.to_digit_features(images)) == labels).mean()
+        # Four training steps teach the model nothing (measured: even 400 steps at batch 32 and lr 4e-3
+        # score 17% of 100), so the score must be near chance (10%); a score that compared the labels
+        # with themselves, or read another run's images, would not be.
+        assert row["accuracy"] <= 0.4
     # --curve: the guided fast-solver row again for each kept checkpoint (steps 2 and 4 of 4).
     assert [r["train_step"] for r in report["curve"]] == [2, 4]
     assert report["curve"][-1]["accuracy"] == rows[-1]["accuracy"]  # the last checkpoint is the table's
@@ -79,3 +90,11 @@ def test_quick_demo_runs_every_stage(tmp_path):
     again = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out)], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "already holds a training run" in again.stderr
+
+
+def test_flags_are_checked_before_anything_runs(capsys):
+    assert demo.parse_args(["--quick"]).steps == 4 and demo.parse_args([]).steps > 4
+    for argv, message in ((["--image-size", "12"], "multiple of 8"), (["--steps", "0"], "must be >= 1")):
+        with pytest.raises(SystemExit):
+            demo.parse_args(argv)
+        assert message in capsys.readouterr().err

@@ -321,3 +321,16 @@ def test_sample_ddp_refuses_to_mix_weights_under_one_path(tmp_path):
     assert f"holds samples of other weights (sha256 {first}" in p.stderr
     assert checkpoints.weights_digest(small_state_dict(seed=1)) in p.stderr
     assert len(pngs(run_folder(out))) == 7
+
+
+def test_solver_spacing_reaches_the_sampler_and_names_the_run(plain_ckpt):
+    import sample_ddp
+
+    _, args = sample_ddp.parse_args(DDP[1:] + ["--ckpt", plain_ckpt, "--solver-spacing", "time"])
+    loaded = sampling.load_model(args, "cpu", default_vae="ema")
+    assert sample_ddp.run_name(args, loaded.spec).endswith("-spacing-time")
+    noise = lambda: torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    y = torch.tensor([1, 2])
+    time_grid = sampling.sample_latents(loaded.model, noise, y, Sampler.DPM_SOLVER, 4, spacing=args.solver_spacing)
+    logsnr_grid = sampling.sample_latents(loaded.model, noise, y, Sampler.DPM_SOLVER, 4)
+    assert (time_grid - logsnr_grid).abs().max() > 1e-3
