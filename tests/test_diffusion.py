@@ -27,7 +27,8 @@ def test_respaced_p_mean_variance_matches_reference(golden):
 
 def test_ddim_matches_reference(golden):
     g = golden["ddim25_eta0"]
-    sample = create_diffusion("ddim25").ddim_sample_loop(toy, g["noise"].shape, noise=g["noise"], clip_denoised=False, eta=0.0)
+    sample = create_diffusion("ddim25").ddim_sample_loop(toy, g["noise"].shape, noise=g["noise"], clip_denoised=False,
+                                                         eta=0.0)
     torch.testing.assert_close(sample, g["sample"], rtol=1e-5, atol=1e-4)
 
 
