@@ -73,7 +73,10 @@ def sweep_temp_files(folder):
     swept = []
     for name in sorted(os.listdir(folder)):
         m = _TEMP.search(name)
-        if m and not (m.group(1) and int(m.group(1)) != os.getpid() and _alive(int(m.group(1)))):
+        if m is None:
+            continue
+        pid = int(m.group(1)) if m.group(1) else None
+        if pid is None or pid == os.getpid() or not _alive(pid):
             swept.append(name)
     for name in swept:
         with contextlib.suppress(FileNotFoundError):
