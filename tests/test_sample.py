@@ -18,7 +18,7 @@ import sampling
 from conftest import randomize, small_state_dict, toy, train_checkpoint
 from diffusion import create_diffusion
 from diffusion.dpm_solver import DPMSolver, Spacing, solver_timesteps
-from models import DiT, DiT_models, Guidance
+from models import DiT, Guidance
 from sampling import ImageNoise, Sampler
 from vae import decode
 
