@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from files import atomic_write
+from files import UserError, atomic_write
 from models import DIT_CONFIGS, DiT_models
 from vae import VAE_PRESETS
 
@@ -51,11 +51,11 @@ STORE_IDENTITY = ("vae", "scaling_factor", "image_size", "latent_shape", "num_cl
                   "count", "files_sha1")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be found or read, or does not fit the requested model."""
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A file could not be downloaded completely, or what came back is not what was asked for."""
 
 

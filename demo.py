@@ -49,13 +49,15 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
 
+from files import UserError, run_script
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NUM_CLASSES = 10
 GRID_COLUMNS = 8  # samples per digit: the grid has a row per digit
 GRID_SCALE = 6  # each pixel a 6x6 square: the 82x102-pixel grid of 8x8 digits is shown 492x612
 
 
-class DemoError(RuntimeError):
+class DemoError(UserError, RuntimeError):
     """A stage's script failed or left no output."""
 
 
@@ -281,11 +283,8 @@ def parse_args(argv=None):
         parser.error("--image-size must be a multiple of 8 (the digits are 8x8)")
     if min(args.steps, args.batch_size, args.ddpm_steps, args.solver_steps, args.num_score_samples) < 1:
         parser.error("--steps, --batch-size, --*-steps and --num-score-samples must be >= 1")
-    return args
+    return parser, args
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except DemoError as e:
-        sys.exit(f"demo.py: error: {e}")
+    run_script(parse_args, main)

@@ -41,7 +41,7 @@ from scipy import linalg
 from tqdm.auto import tqdm
 
 from checkpoints import PRETRAINED_DIR, DownloadError, download
-from files import DiskFullError, atomic_write
+from files import UserError, atomic_write, run_script
 
 # pytorch-fid's conversion of the TensorFlow graph's weights; torch-fidelity's release of the same
 # network has the same digest. The hex after the last "-" is the start of the file's sha256.
@@ -57,7 +57,7 @@ PR_BLOCK = 4096  # rows per distance block: 4096 x 4096 float32 is 64 MiB, at an
 FD_EPS = 1e-6  # ADM's diagonal offset when the covariance product is singular
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """An input cannot be scored (not an .npz, wrong layout, too few images, unreadable weights)."""
 
 
@@ -567,8 +567,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    parser, args = parse_args()
-    try:
-        main(args)
-    except (EvaluationError, DownloadError, DiskFullError) as e:
-        parser.error(str(e))
+    run_script(parse_args, main)

@@ -44,7 +44,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from tqdm import tqdm
 
 import latents
-from files import DiskFullError, atomic_write, free_bytes, sweep_temp_files
+from files import DiskFullError, atomic_write, free_bytes, run_script, sweep_temp_files
 from latents import StoreError
 from vae import VAEError, center_crop_arr, downsampling_factor, load_vae, scaling_factor
 
@@ -542,10 +542,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    parser, args = parse_args()
-    try:
-        main(args)
-    except (StoreError, VAEError) as e:
-        parser.error(str(e))
-    except DiskFullError as e:
-        parser.exit(1, f"{parser.prog}: error: {e.strerror}\n")
+    run_script(parse_args, main)

@@ -16,8 +16,31 @@ import re
 _TEMP = re.compile(r"\.tmp(\d*)$")
 
 
-class DiskFullError(OSError):
+class UserError(Exception):
+    """Bad input (a flag, a file, a folder): a script prints the message as one line, never a traceback.
+    Every module's own error (StoreError, CheckpointError, TrainError, ...) is one of these."""
+
+
+class DiskFullError(OSError, UserError):
     """The disk filled up while writing; nothing was left under the final name."""
+
+    def __str__(self):
+        return self.strerror
+
+
+def run_script(parse_args, main):
+    """
+    The one ending of every script: `if __name__ == "__main__": run_script(parse_args, main)`.
+    parse_args() returns (parser, args) and reports bad flags itself; main(args) raises a UserError for
+    bad input, which ends as `<prog>: error: <message>` with exit status 2 (1 for a full disk).
+    """
+    parser, args = parse_args()
+    try:
+        main(args)
+    except DiskFullError as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
+    except UserError as e:
+        parser.error(str(e))
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ import warnings
 import numpy as np
 import torch
 
-from files import atomic_write
+from files import UserError, atomic_write
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -51,7 +51,7 @@ def shard_name(k):
     return f"shard-{k:05d}"
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """A store (or the input of one) cannot be used: unfinished, damaged, or made with other settings."""
 
 

@@ -16,6 +16,7 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont
 
+from files import UserError, run_script
 from train import read_stats  # the format's one reader (it skips a killed run's partial last line)
 
 WIDTH, HEIGHT = 900, 500
@@ -24,7 +25,7 @@ COLOURS = [(0, 90, 200), (230, 110, 0), (0, 150, 70), (200, 30, 40),
 INK, GRID = (0, 0, 0), (225, 225, 225)
 
 
-class PlotError(ValueError):
+class PlotError(UserError, ValueError):
     """A run that cannot be drawn: no records, a damaged file, or no such key."""
 
 
@@ -127,8 +128,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    parser, args = parse_args()
-    try:
-        main(args)
-    except PlotError as e:
-        parser.error(str(e))
+    run_script(parse_args, main)

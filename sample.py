@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from torchvision.utils import save_image
 
-from sampling import CheckpointError, ImageNoise, add_sampling_args, load_model, run_script, sample_latents
+from files import run_script
+from sampling import CheckpointError, ImageNoise, add_sampling_args, check_sampling_args, load_model, sample_latents
 from vae import decode
 
 
@@ -55,6 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--output", default="sample.png", help="the grid's file; its extension picks the format")
     parser.add_argument("--nrow", type=int, default=4, help="images per row of the grid")
     args = parser.parse_args(argv)
+    check_sampling_args(parser, args)
     if args.seed < 0:
         parser.error("--seed must be >= 0")
     if args.nrow < 1:
@@ -70,4 +72,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    run_script(*parse_args(), main)
+    run_script(parse_args, main)

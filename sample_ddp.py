@@ -28,8 +28,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from checkpoints import weights_digest
-from files import atomic_write, sweep_temp_files
-from sampling import (CheckpointError, ImageNoise, add_sampling_args, load_model, random_labels, run_script,
+from files import atomic_write, run_script, sweep_temp_files
+from sampling import (CheckpointError, ImageNoise, add_sampling_args, check_sampling_args, load_model, random_labels,
                       sample_latents, to_uint8)
 from vae import decode
 
@@ -155,6 +155,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
     parser.add_argument("--global-seed", type=int, default=0)
     args = parser.parse_args(argv)
+    check_sampling_args(parser, args)
     if args.global_seed < 0 or args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
         parser.error("--global-seed must be >= 0, --per-proc-batch-size and --num-fid-samples >= 1")
     if os.path.exists(args.sample_dir) and not os.path.isdir(args.sample_dir):
@@ -163,4 +164,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    run_script(*parse_args(), main)
+    run_script(parse_args, main)

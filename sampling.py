@@ -178,30 +178,20 @@ def add_sampling_args(parser, cfg_scale, vae):
                         help="TF32 matmuls on Ampere+ GPUs (faster; DiT's sample_ddp.py default)")
 
 
-def check_sampling_args(args):
-    """Fill in args.num_sampling_steps; raises ValueError (for parser.error) on impossible settings."""
+def check_sampling_args(parser, args):
+    """Fill in args.num_sampling_steps; impossible settings end in parser.error."""
     sampler = Sampler(args.sampler)
     if args.num_sampling_steps is None:
         args.num_sampling_steps = DEFAULT_STEPS[sampler]
     if not 1 <= args.num_sampling_steps <= 1000:
-        raise ValueError(f"--num-sampling-steps must be in 1..1000, got {args.num_sampling_steps}")
+        parser.error(f"--num-sampling-steps must be in 1..1000, got {args.num_sampling_steps}")
     if sampler is Sampler.DDIM:
-        space_timesteps(1000, f"ddim{args.num_sampling_steps}")  # raises if no integer stride gives that count
+        try:
+            space_timesteps(1000, f"ddim{args.num_sampling_steps}")  # raises if no integer stride gives that count
+        except ValueError as e:
+            parser.error(str(e))
     if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:
-        raise ValueError(f"--guidance-interval {args.guidance_interval}: T_LO must not exceed T_HI")
-
-
-def run_script(parser, args, main):
-    """Check the shared sampling flags, then run a script's main: user errors (bad flags, checkpoints,
-    downloads, autoencoders) end as parser.error, a message and exit status 2, never a traceback."""
-    try:
-        check_sampling_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    try:
-        main(args)
-    except (CheckpointError, DownloadError, VAEError) as e:
-        parser.error(str(e))
+        parser.error(f"--guidance-interval {args.guidance_interval}: T_LO must not exceed T_HI")
 
 
 @torch.no_grad()

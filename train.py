@@ -47,12 +47,12 @@ from tqdm import tqdm
 from checkpoints import (CheckpointError, check_compatible, checkpoint_files, read_checkpoint, rng_state,
                          save_checkpoint, set_rng_state, training_checkpoint)
 from diffusion import create_diffusion
-from files import DiskFullError, atomic_write, sweep_temp_files
+from files import UserError, atomic_write, run_script, sweep_temp_files
 from latents import LatentDataset
 from models import DiT_models, forward_flops_per_image
 
 
-class TrainError(ValueError):
+class TrainError(UserError, ValueError):
     """A user error: bad flags, a model that does not fit the store, a checkpoint that does not fit."""
 
 
@@ -614,10 +614,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    parser, args = parse_args()
-    try:
-        main(args)
-    except TrainError as e:
-        parser.error(str(e))
-    except DiskFullError as e:
-        parser.exit(1, f"{parser.prog}: error: {e.strerror}\n")
+    run_script(parse_args, main)

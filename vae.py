@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from files import UserError
+
 VAE_PRESETS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 
 
-class VAEError(ValueError):
+class VAEError(UserError, ValueError):
     """The requested autoencoder cannot be loaded (unknown name, no network and not cached, ...)."""
 
 

@@ -93,7 +93,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
 
 
 def test_flags_are_checked_before_anything_runs(capsys):
-    assert demo.parse_args(["--quick"]).steps == 4 and demo.parse_args([]).steps > 4
+    assert demo.parse_args(["--quick"])[1].steps == 4 and demo.parse_args([])[1].steps > 4
     for argv, message in ((["--image-size", "12"], "multiple of 8"), (["--steps", "0"], "must be >= 1")):
         with pytest.raises(SystemExit):
             demo.parse_args(argv)

@@ -252,7 +252,8 @@ def test_tensorboard_event_file_holds_the_logged_figures(latent_store, tmp_path)
         if "loss" in acc.Tags()["scalars"]:
             logged += [(e.step, e.value) for e in acc.Scalars("loss")]
     expected = [(r["step"], r["loss"]) for r in train.read_stats(exp)]
-    assert [s for s, _ in logged] == [2, 4] and logged == pytest.approx(expected, rel=1e-6)
+    assert [s for s, _ in logged] == [s for s, _ in expected] == [2, 4]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
 
 
 def test_two_processes_under_torchrun_share_the_work(latent_store, tmp_path):
