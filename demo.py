@@ -225,8 +225,11 @@ def main(args):
     if args.curve:  # the guided fast-solver row for every kept checkpoint: accuracy against training steps
         for path in all_checkpoints(results):
             step = int(os.path.splitext(os.path.basename(path))[0])  # train.py names checkpoints by step
-            row, _ = score(path, "dpm-solver", args.solver_steps, args.cfg_scale, classifier, args, samples, logs,
-                           f"curve-{step}")
+            if path == ckpt:  # the table's last row is this very setting on this checkpoint
+                row = {k: v for k, v in table[-1].items() if k != "setting"}
+            else:
+                row, _ = score(path, "dpm-solver", args.solver_steps, args.cfg_scale, classifier, args, samples,
+                               logs, f"curve-{step}")
             curve.append(dict(train_step=step, **row))
 
     total = time.time() - start

@@ -83,7 +83,10 @@ def test_quick_demo_runs_every_stage(tmp_path):
         assert row["accuracy"] <= 0.4
     # --curve: the guided fast-solver row again for each kept checkpoint (steps 2 and 4 of 4).
     assert [r["train_step"] for r in report["curve"]] == [2, 4]
-    assert report["curve"][-1]["accuracy"] == rows[-1]["accuracy"]  # the last checkpoint is the table's
+    # The last checkpoint's point is the table's last row (same setting, same samples); the earlier one is sampled
+    # from its own checkpoint.
+    assert report["curve"][-1]["npz"] == rows[-1]["npz"] and report["curve"][0]["npz"] != rows[-1]["npz"]
+    assert "0000002" in report["curve"][0]["npz"]
     assert "label accuracy" in proc.stdout and "classifier on held-out real digits" in proc.stdout
 
     # A second run into the same folder must refuse, not mix two training runs.
