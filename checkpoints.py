@@ -357,9 +357,12 @@ def save_checkpoint(data, ckpt_dir, keep_last, keep_every):
     """
     Write a training checkpoint atomically as ckpt_dir/<step>.pt, then prune: keep the `keep_last`
     latest and every one whose step is a multiple of `keep_every` (0: none). A crash at any point
-    leaves the previous checkpoints intact. :return: the path written.
+    leaves the previous checkpoints intact, and non-finite weights are never written, so pruning never
+    removes the last finite checkpoint. :return: the path written.
     """
     path = os.path.join(ckpt_dir, f"{data['step']:07d}.pt")
+    require_finite(data["model"], f"the weights for {path}")
+    require_finite(data["ema"], f"the EMA weights for {path}")
     with atomic_write(path) as f:
         torch.save(data, f)
     kept = sorted(checkpoint_files(ckpt_dir))
@@ -367,6 +370,13 @@ def save_checkpoint(data, ckpt_dir, keep_last, keep_every):
         if not (keep_every and s % keep_every == 0):
             os.remove(os.path.join(ckpt_dir, f"{s:07d}.pt"))
     return path
+
+
+def require_finite(state_dict, source):
+    """:raises CheckpointError: naming `source` and its first tensor that holds a NaN or an infinity."""
+    for name, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{source}: {name} is not finite (a diverged run); refused")
 
 
 def training_checkpoint(step, model, ema, opt, scheduler, model_config, latents, train_config, rng_states, parent):

@@ -7,8 +7,8 @@ Draw a figure from train.py's stats.jsonl against the training step, one line pe
 
 --key is any key of the records: loss (default), grad_norm, lr, steps_per_s, images_per_s,
 tflops_per_device, and loss_q0..loss_q3 with train.py --log-quartiles. --smooth N draws the mean of
-the last N log intervals. Points that are not finite (a diverged loss, an empty quartile) are left
-out. Drawn with Pillow, a dependency already, so no matplotlib is needed.
+the last N log intervals. Only finite numbers are drawn: a diverged loss, an empty quartile, a null
+or a string is left out. Drawn with Pillow, a dependency already, so no matplotlib is needed.
 """
 import argparse
 import math
@@ -17,7 +17,7 @@ import os
 from PIL import Image, ImageDraw, ImageFont
 
 from files import UserError, run_script
-from train import read_stats  # the format's one reader (it skips a killed run's partial last line)
+from runs import RunError, read_stats  # the format's one reader (it skips a killed run's partial last line)
 
 WIDTH, HEIGHT = 900, 500
 COLOURS = [(0, 90, 200), (230, 110, 0), (0, 150, 70), (200, 30, 40),
@@ -26,26 +26,35 @@ INK, GRID = (0, 0, 0), (225, 225, 225)
 
 
 class PlotError(UserError, ValueError):
-    """A run that cannot be drawn: no records, a damaged file, or no such key."""
+    """A run that cannot be drawn: no records, a damaged file, no such key, or no number to draw."""
 
 
 def read_series(run_dir, key, smooth):
-    """:return: the steps and the values of `key` in a run's stats.jsonl, each the mean of the last `smooth`."""
+    """
+    :return: the steps and the values of `key` in a run's stats.jsonl, each the mean of the last `smooth`.
+    Only finite numbers are drawn: nulls, strings (even of numbers), lists and non-finite values are left out.
+    """
+    path = os.path.join(run_dir, "stats.jsonl")
     try:
         records = read_stats(run_dir)
-    except ValueError as e:
-        raise PlotError(f"{os.path.join(run_dir, 'stats.jsonl')} is damaged: {e}")
+    except (RunError, OSError, UnicodeDecodeError) as e:
+        raise PlotError(f"{path} is damaged: {e}") from e
     if not records:
-        raise PlotError(f"{os.path.join(run_dir, 'stats.jsonl')} has no records yet")
+        raise PlotError(f"{path} has no records yet")
     if not any(key in r for r in records):
         keys = sorted({k for r in records for k in r} - {"step"})
         raise PlotError(f"{run_dir}: no key {key!r} in stats.jsonl; it has {', '.join(keys)}")
-    points = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+    points = [(r["step"], r[key]) for r in records if is_number(r.get(key))]
     if not points:
-        raise PlotError(f"{run_dir}: no finite value of {key!r} in stats.jsonl")
+        raise PlotError(f"{run_dir}: no finite number for {key!r} in stats.jsonl")
     steps, values = zip(*points)
     windows = (values[max(0, i + 1 - smooth):i + 1] for i in range(len(values)))
     return steps, [sum(w) / len(w) for w in windows]
+
+
+def is_number(value):
+    """A finite int or float (a bool, string, null or list is not a figure)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def ticks(lo, hi, count=5):
@@ -53,13 +62,24 @@ def ticks(lo, hi, count=5):
     power = 10 ** math.floor(math.log10((hi - lo) / count))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= (hi - lo) / count)
     decimals = max(0, -math.floor(math.log10(step)))
-    return [(i * step, f"{i * step:.{decimals}f}") for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+    label = (lambda v: f"{v:.{decimals}f}") if decimals <= 6 and step < 1e6 else (lambda v: f"{v:.4g}")
+    return [(i * step, label(i * step)) for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 
 
 def span(values, pad):
-    """:return: the range of `values`, widened by `pad` of its length (a constant gets a range around it)."""
+    """
+    :return: the range of `values`, widened by `pad` of its length. A constant, or values too close together
+    for the ticks' arithmetic (0 and 5e-324), get a range around them.
+    :raises PlotError: a range wider than a float holds (-1e308 to 1e308).
+    """
     lo, hi = min(values), max(values)
-    width = (hi - lo) * pad if hi > lo else abs(lo) * 0.1 or 1.0
+    magnitude = max(abs(lo), abs(hi))
+    if hi - lo > max(magnitude * 1e-9, 1e-300):
+        width = (hi - lo) * pad
+    else:
+        width = magnitude * 0.1 if magnitude * 0.1 > 1e-300 else 1.0
+    if not math.isfinite((hi + width) - (lo - width)):
+        raise PlotError(f"the values run from {lo:g} to {hi:g}, a range wider than a float holds")
     return lo - width, hi + width
 
 
@@ -103,7 +123,10 @@ def draw(series, title):
 def main(args):
     series = [(os.path.normpath(run), *read_series(run, args.key, args.smooth)) for run in args.runs]
     title = f"{args.key} against step" + (f" (mean of the last {args.smooth} log intervals)" if args.smooth > 1 else "")
-    draw(series, title).save(args.out, format="PNG")
+    try:
+        draw(series, title).save(args.out, format="PNG")
+    except OSError as e:
+        raise PlotError(f"cannot write {args.out}: {e}") from e
     print(f"wrote {args.out}")
 
 
@@ -122,6 +145,8 @@ def parse_args(argv=None):
     if args.smooth < 1:
         parser.error("--smooth must be at least 1")
     args.out = args.out or f"{args.key}.png"
+    if os.path.isdir(args.out):  # --out DIR: the default name in that folder
+        args.out = os.path.join(args.out, f"{args.key}.png")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         parser.error(f"--out {args.out}: its folder does not exist")
     return parser, args

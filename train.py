@@ -10,30 +10,21 @@ Train a DiT on a latent store written by extract_features.py.
     python train.py --model DiT-XL/2 --features-path features/imagenet256 --gradient-accumulation-steps 4
     python train.py --model DiT-S/2 --features-path features/imagenet256 --resume auto
 
-The model is built to fit the store (latent channels and size, class count); defaults are the
-paper's (AdamW at a constant 1e-4 without weight decay, global batch 256, EMA 0.9999, label dropout
-0.1, 1000-step linear diffusion with learned sigma). Differences from DiT's and fast-DiT's train.py:
-bf16 autocast unless the flag or accelerate's launcher/config says otherwise (float32 master weights,
-optimizer state and EMA), the logged loss is the true global mean, the global batch may be
-accumulated over micro-batches, checkpoints carry everything needed to resume exactly and are
-written atomically, and the same code runs on one CPU, under torchrun on CPUs (gloo) and on GPUs
-across nodes (DDP or FSDP through accelerate).
-
-Runs go to `<results-dir>/NNN-<model>/`: log.txt for people, stats.jsonl for programs (one JSON
-object per log interval), tracker files, checkpoints/0050000.pt. A new run always gets a new folder.
-`--resume` continues a run in its own folder when it starts from that run's latest checkpoint;
-from an earlier checkpoint, or with another --results-dir, it branches into a new folder that
-records its parent, so no later checkpoint of the original run is ever overwritten.
+The model is built to fit the store (latent channels and size, class count); defaults are the paper's
+(AdamW at a constant 1e-4 without weight decay, global batch 256, EMA 0.9999, label dropout 0.1,
+1000-step linear diffusion with learned sigma). Unlike DiT's and fast-DiT's train.py: bf16 autocast
+unless the flag or accelerate's launcher/config says otherwise (float32 master weights, optimizer
+state and EMA), the logged loss is the true global mean, the batch may be accumulated, checkpoints
+resume exactly, and a non-finite step never reaches the weights (--on-nonfinite). The run folder, its
+lock, resuming and branching, log.txt and stats.jsonl are runs.py's.
 """
 import argparse
 import dataclasses
 import hashlib
 import importlib.util
-import json
-import logging
+import math
 import os
 import random
-import re
 import sys
 import time
 
@@ -44,184 +35,17 @@ from accelerate.utils import DistributedType, gather_object, reduce
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, check_compatible, checkpoint_files, read_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state, training_checkpoint)
+import runs
+from checkpoints import (CheckpointError, check_compatible, require_finite, rng_state, save_checkpoint,
+                         set_rng_state, training_checkpoint)
 from diffusion import create_diffusion
-from files import UserError, atomic_write, run_script, sweep_temp_files
+from files import UserError, run_script
 from latents import LatentDataset
 from models import DiT_models, forward_flops_per_image
 
 
 class TrainError(UserError, ValueError):
     """A user error: bad flags, a model that does not fit the store, a checkpoint that does not fit."""
-
-
-#################################################################################
-#                               Run folders                                     #
-#################################################################################
-
-
-def new_run_dir(results_dir, model_name):
-    """Create `<results_dir>/NNN-<model>` with NNN one past the highest number there, exclusively: a run
-    started at the same instant gets the next number, and no run ever lands in another's folder."""
-    os.makedirs(results_dir, exist_ok=True)
-    while True:
-        taken = [int(m.group(1)) for name in os.listdir(results_dir) if (m := re.match(r"^(\d{3,})-", name))]
-        path = os.path.join(results_dir, f"{max(taken, default=-1) + 1:03d}-{model_name.replace('/', '-')}")
-        try:
-            os.mkdir(path)
-            os.mkdir(os.path.join(path, "checkpoints"))
-            return path
-        except FileExistsError:
-            continue
-
-
-def latest_good_checkpoint(results_dir, model_name, notes):
-    """
-    --resume auto: the newest readable checkpoint of the highest-numbered run of model_name, newest
-    first; a damaged one (killed mid-copy, emptied) is skipped with a note. :return: (path, data) or None.
-    """
-    tag = model_name.replace("/", "-")
-    runs = sorted((r for r in os.listdir(results_dir) if re.match(rf"^\d{{3,}}-{re.escape(tag)}$", r)),
-                  key=lambda r: int(r.split("-", 1)[0])) if os.path.isdir(results_dir) else []
-    for run in reversed(runs):
-        files = checkpoint_files(os.path.join(results_dir, run, "checkpoints"))
-        for step in sorted(files, reverse=True):
-            try:
-                return files[step], read_checkpoint(files[step])
-            except CheckpointError as e:
-                notes.append(f"skipping a damaged checkpoint: {e}")
-        if files:
-            raise TrainError(f"--resume auto: no readable checkpoint in {os.path.join(results_dir, run)}")
-    return None
-
-
-def open_run(args, accelerator, model_config, meta):
-    """
-    Where this run writes and what it continues from (every process gets rank 0's answer).
-
-    :return: (run folder, checkpoint data or None, parent checkpoint path or None, notes to log).
-    """
-    notes, found = [], None
-    if args.resume == "auto":
-        found = latest_good_checkpoint(args.results_dir or "results", args.model, notes)
-    elif args.resume:
-        if not os.path.isfile(args.resume):
-            raise TrainError(f"--resume {args.resume}: no such checkpoint file")
-        try:
-            found = args.resume, read_checkpoint(args.resume)
-        except CheckpointError as e:
-            raise TrainError(str(e)) from e
-    path, ckpt = found or (None, None)
-    if ckpt is not None:
-        try:
-            check_compatible(ckpt, path, model_config, meta)
-        except CheckpointError as e:
-            raise TrainError(str(e)) from e
-        saved = ckpt["train_config"]["global_batch_size"]
-        if saved != args.global_batch_size:
-            raise TrainError(f"{path} was trained with --global-batch-size {saved}; resume with the same")
-
-    run_dir, parent = None, None
-    if accelerator.is_main_process:
-        if path is not None:
-            ckpt_dir = os.path.dirname(os.path.abspath(path))
-            own_run = os.path.dirname(ckpt_dir)
-            files = checkpoint_files(ckpt_dir)
-            # auto picks the newest readable checkpoint: any newer file is damaged, not a later history.
-            latest = args.resume == "auto" or (os.path.basename(ckpt_dir) == "checkpoints" and files
-                                               and os.path.samefile(files[max(files)], path))
-            here = args.results_dir is None or (os.path.isdir(args.results_dir)
-                                                and os.path.samefile(args.results_dir, os.path.dirname(own_run)))
-            if latest and here:
-                run_dir = own_run
-                swept = sweep_temp_files(ckpt_dir)
-                notes.append(f"continuing {run_dir} from its latest checkpoint {path} (step {ckpt['step']})"
-                             + (f"; removed the temporary files of a killed save: {', '.join(swept)}" if swept else ""))
-            else:
-                parent = os.path.abspath(path)
-                run_dir = new_run_dir(args.results_dir or os.path.dirname(own_run), args.model)
-                why = "it is not its run's latest checkpoint" if not latest else "--results-dir names another folder"
-                notes.append(f"branching from {parent} (step {ckpt['step']}) into a new run, as {why}; "
-                             f"the parent's checkpoints are left as they are")
-        else:
-            run_dir = new_run_dir(args.results_dir or "results", args.model)
-    run_dir, parent = gather_object([(run_dir, parent)])[0]
-    return run_dir, ckpt, parent, notes
-
-
-class RunLog:
-    """log.txt and stdout for people, stats.jsonl for programs; rank 0 writes, the others stay silent."""
-
-    def __init__(self, run_dir, is_main, resumed_step=None):
-        self.is_main, self.stats_path = is_main, os.path.join(run_dir, "stats.jsonl")
-        self.logger = logging.getLogger("train")
-        self.logger.handlers.clear()
-        self.logger.propagate = False
-        if not is_main:
-            self.logger.addHandler(logging.NullHandler())
-            return
-        fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(run_dir, "log.txt"))):
-            handler.setFormatter(fmt)
-            self.logger.addHandler(handler)
-        self.logger.setLevel(logging.INFO)
-        if resumed_step is not None and os.path.exists(self.stats_path):
-            # Intervals logged after the checkpoint by the run that was killed are trained again: drop them.
-            kept = [line for line in read_stats_lines(self.stats_path) if json.loads(line)["step"] <= resumed_step]
-            with atomic_write(self.stats_path, "w") as f:
-                f.writelines(kept)
-
-    def info(self, message):
-        self.logger.info(message)
-
-    def stats(self, record):
-        if self.is_main:
-            with open(self.stats_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def read_stats_lines(path):
-    """The complete lines of a stats.jsonl (a run killed mid-write may leave a partial last line)."""
-    with open(path) as f:
-        return [line for line in f if line.endswith("\n")]
-
-
-def read_stats(run_dir):
-    """:return: the records of a run's stats.jsonl, in order."""
-    return [json.loads(line) for line in read_stats_lines(os.path.join(run_dir, "stats.jsonl"))]
-
-
-#################################################################################
-#                                  Training                                     #
-#################################################################################
-
-
-class EpochBatches(torch.utils.data.Sampler):
-    """
-    This process's batches of one epoch: global batch s of epoch e is items perm[s*G:(s+1)*G] of a
-    permutation drawn from (seed, e), and process r takes its r-th slice of B = G / world items.
-    The tail that does not fill a global batch is dropped, as DiT's drop_last. A resumed run
-    starts at batch `start` of the epoch; nothing depends on RNG state outside this object.
-    """
-
-    def __init__(self, size, global_batch, rank, world, seed):
-        self.size, self.global_batch, self.rank, self.world, self.seed = size, global_batch, rank, world, seed
-        self.local_batch = global_batch // world
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
-
-    def __len__(self):
-        return self.size // self.global_batch - self.start
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.size, generator=g).tolist()
-        for s in range(self.start, self.size // self.global_batch):
-            lo = s * self.global_batch + self.rank * self.local_batch
-            yield perm[lo:lo + self.local_batch]
 
 
 @dataclasses.dataclass
@@ -264,8 +88,10 @@ def make_training(accelerator, model_config, lr, warmup_steps=0, grad_checkpoint
     return Training(model, raw, opt, scheduler, list(names), list(params), ema)
 
 
-def restore(training, ckpt, accelerator):
-    """Load a checkpoint's optimizer, EMA and schedule into training (the weights went in at make_training)."""
+def restore(training, ckpt, accelerator, lr, seed, notes):
+    """Load a checkpoint's optimizer, EMA, schedule and RNG states (the weights went in at make_training);
+    the learning rate from now on is `lr`."""
+    rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(training.raw, training.opt.optimizer, ckpt["opt"],
@@ -280,6 +106,21 @@ def restore(training, ckpt, accelerator):
                 value = distribute_tensor(value, p.device_mesh, p.placements)
             e.copy_(value)
     training.scheduler.load_state_dict(ckpt["scheduler"])
+    # The schedule is this run's --lr and --warmup-steps (runs.HONOURED_ON_RESUME), not the checkpoint's:
+    # this step's rate from them (the same value when neither changed, so resuming stays exact).
+    scheduler = training.scheduler
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(training.opt.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+    if len(ckpt["rng_states"]) != world:
+        notes.append(f"the checkpoint was written by {len(ckpt['rng_states'])} processes, this run has {world}: "
+                     f"RNG states are reseeded, so the run is not bit-exact with an uninterrupted one")
+        torch.manual_seed(seed + 7919 * ckpt["step"])
+        return
+    try:
+        set_rng_state(ckpt["rng_states"][rank])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise TrainError(f"the checkpoint's RNG state of process {rank} cannot be restored ({e!r})") from e
 
 
 def full_tensor(t):
@@ -306,13 +147,14 @@ def checkpoint_state(training, accelerator, step, model_config, meta, train_conf
 
 def train_step(accelerator, training, diffusion, x, y, max_norm, decay, micro_batches=1):
     """
-    One optimisation step on this process's batch, then the EMA update; no host synchronisation.
+    One optimisation step on this process's batch, then the EMA update, unless the step is not finite.
     Timesteps, noise and label dropout are drawn per sample for the whole batch before it is split
     into `micro_batches` (accumulated without gradient sync), so accumulating changes no draw.
 
     :param x: [B x C x H x W] inputs, y: [B] labels, on the device.
     :param max_norm: clip the global gradient norm to this; inf only measures it (gradients x 1).
-    :return: (per-sample losses [B], timesteps [B], global gradient norm), detached.
+    :return: (whether the step was taken, then the global gradient norm, loss sums and sample counts per
+             timestep quartile: the step's figures over all processes, as runs.Interval.add takes them).
     """
     model, raw = training.model, training.raw
     t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
@@ -328,55 +170,26 @@ def train_step(accelerator, training, diffusion, x, y, max_norm, decay, micro_ba
                                               noise=noise[i])["loss"]  # (B / micro_batches,) float32
             accelerator.backward(micro.mean())  # accelerate divides by the micro-batch count
         losses.append(micro.detach())
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-    training.opt.step()
+    losses = torch.cat(losses).double()  # (B,)
+    grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm), device=x.device)
+    quartile = (t * 4 // diffusion.num_timesteps).long()  # (B,)
+    per_quartile = torch.zeros(2, 4, device=x.device, dtype=torch.float64).index_add_(
+        1, quartile, torch.stack([losses, torch.ones_like(losses)]))  # (2, 4): loss sums, sample counts
+    # The step's one host sync, its global figures: a non-finite step must not reach the weights, and every
+    # process decides on the same reduced figures. Under fp16 the grad scaler skips overflowing steps
+    # itself (an inf norm is how it finds its scale), so only the loss counts there.
+    local = torch.cat([grad_norm.double()[None] / accelerator.num_processes, per_quartile.flatten()])
+    grad_norm, *sums = reduce(local, "sum").tolist()
+    taken = math.isfinite(sum(sums[:4])) and (accelerator.scaler is not None or math.isfinite(grad_norm))
+    if taken:
+        training.opt.step()
     training.scheduler.step()
     training.opt.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        torch._foreach_mul_(training.ema, decay)
-        torch._foreach_add_(training.ema, [p.detach() for p in training.params], alpha=1 - decay)
-    return torch.cat(losses), t, grad_norm
-
-
-class IntervalStats:
-    """Sums over one log interval, kept on the device (no host sync per step), reduced across processes
-    when read: the logged figures are the global ones."""
-
-    def __init__(self, device, num_timesteps, quartiles):
-        self.device, self.num_timesteps, self.quartiles = device, num_timesteps, quartiles
-        self.reset()
-
-    def reset(self):
-        # [loss sum, sample count, gradient norm sum, 4 quartile loss sums, 4 quartile counts]
-        self.sums = torch.zeros(11, device=self.device, dtype=torch.float64)
-        self.steps, self.start = 0, time.time()
-
-    def add(self, losses, t, grad_norm):
-        self.sums[0] += losses.sum()
-        self.sums[1] += losses.numel()
-        self.sums[2] += grad_norm.detach().double() if torch.is_tensor(grad_norm) else grad_norm
-        if self.quartiles:
-            q = (t * 4 // self.num_timesteps).long()
-            self.sums[3:7].index_add_(0, q, losses.double())
-            self.sums[7:11].index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
-        self.steps += 1
-
-    def read(self, world):
-        """:return: the interval's figures, then start a new interval. Every process must call it."""
-        total = reduce(self.sums.clone(), "sum").tolist()
-        seconds = time.time() - self.start
-        stats = {"loss": total[0] / total[1], "grad_norm": total[2] / world / self.steps,
-                 "steps_per_s": self.steps / seconds, "images_per_s": total[1] / seconds}
-        if self.quartiles:
-            for i in range(4):
-                stats[f"loss_q{i}"] = total[3 + i] / total[7 + i] if total[7 + i] else float("nan")
-        self.reset()
-        return stats
-
-
-def format_seconds(s):
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    if taken:
+        with torch.no_grad():
+            torch._foreach_mul_(training.ema, decay)
+            torch._foreach_add_(training.ema, [p.detach() for p in training.params], alpha=1 - decay)
+    return taken, grad_norm, sums[:4], sums[4:]
 
 
 def make_accelerator(args):
@@ -425,6 +238,23 @@ def open_store(args):
     return dataset, model_config
 
 
+def save(training, accelerator, step, ckpt_dir, args, guard, *fixed):
+    """
+    Write step's checkpoint (every process takes part) unless its weights are not finite, which stops
+    the run on every process, so the last finite checkpoint is kept. :return: the path written.
+    """
+    data = checkpoint_state(training, accelerator, step, *fixed)
+    try:
+        require_finite(data["model"], f"step {step}'s weights")
+        require_finite(data["ema"], f"step {step}'s EMA weights")
+    except CheckpointError as e:
+        raise guard.stop(str(e)) from e
+    path = save_checkpoint(data, ckpt_dir, args.ckpt_keep_last, args.ckpt_keep_every) \
+        if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    return gather_object([path])[0]
+
+
 def main(args):
     accelerator, precision, precision_source = make_accelerator(args)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -435,90 +265,91 @@ def main(args):
     meta = dataset.meta
     steps_per_epoch = len(dataset) // args.global_batch_size
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
-    run_dir, ckpt, parent, notes = open_run(args, accelerator, model_config, meta)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    step = int(ckpt["step"]) if ckpt else 0
-    log = RunLog(run_dir, accelerator.is_main_process, resumed_step=step if ckpt else None)
+    train_config = dict(vars(args), mixed_precision=precision)  # what runs: the precision once chosen
 
-    # Each process its own seed (as DiT); a resumed run restores the saved states instead.
-    seed = args.global_seed * world + rank
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-    training = make_training(accelerator, model_config, args.lr, args.warmup_steps, args.grad_checkpointing,
-                             args.compile, state_dict=ckpt["model"] if ckpt else None)
-    if ckpt is not None:
-        restore(training, ckpt, accelerator)
-        if len(ckpt["rng_states"]) == world:
-            set_rng_state(ckpt["rng_states"][rank])
-        else:
-            notes.append(f"the checkpoint was written by {len(ckpt['rng_states'])} processes, this run has {world}: "
-                         f"RNG states are reseeded, so the run is not bit-exact with an uninterrupted one")
-            torch.manual_seed(seed + 7919 * step)
-    training.model.train()
-    flops_per_image = 3 * forward_flops_per_image(training.raw)
+    def vet(ckpt, path):  # a checkpoint of this model and store, with the flags that may change
+        check_compatible(ckpt, path, model_config, meta)
+        return runs.check_resumed_flags(ckpt["train_config"], path, train_config)
 
-    diffusion = create_diffusion(timestep_respacing="")
-    sampler = EpochBatches(len(dataset), args.global_batch_size, rank, world, args.global_seed)
-    # Its own generator, so creating an iterator never draws from the global RNG (exact resume).
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.global_seed))
-    train_config = vars(args)
-    if args.report_to != "none":
-        accelerator.project_configuration.set_directories(run_dir)  # tensorboard writes under the run
-        accelerator.init_trackers(os.path.basename(run_dir), config={
-            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in train_config.items()})
+    run = runs.open_run(args.resume, args.results_dir, args.model, vet, accelerator.is_main_process,
+                        share=lambda obj: gather_object([obj])[0])
+    run_dir, ckpt, notes = run.dir, run.ckpt, run.notes
+    with run.log as log:
+        seed = args.global_seed * world + rank  # each process its own seed, as DiT; a resumed run restores its own
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        training = make_training(accelerator, model_config, args.lr, args.warmup_steps, args.grad_checkpointing,
+                                 args.compile, state_dict=ckpt["model"] if ckpt else None)
+        if ckpt is not None:
+            restore(training, ckpt, accelerator, args.lr, seed, notes)
+        training.model.train()
+        flops_per_image = 3 * forward_flops_per_image(training.raw)
 
-    log.info(f"{args.model}: {sum(p.numel() for p in training.raw.parameters()) / 1e6:.2f}M parameters, "
-             f"{flops_per_image / 1e9:.2f} training GFLOPs per image, input {model_config['in_channels']}x"
-             f"{model_config['input_size']}x{model_config['input_size']}, {meta['num_classes']} classes")
-    log.info(f"{len(dataset)} images from {args.features_path}; {world} process(es) "
-             f"({accelerator.distributed_type.value}) on {device.type}, {args.global_batch_size // world} images "
-             f"per process per step in {args.gradient_accumulation_steps} micro-batch(es), {steps_per_epoch} steps "
-             f"per epoch, {max_steps} steps; mixed precision {precision} (from {precision_source})")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
-        notes.append("the accelerate config asks for FSDP, which accelerate runs on GPUs only: "
-                     f"training without sharding ({accelerator.distributed_type.value})")
-    for note in [f"run folder {run_dir}"] + notes:
-        log.info(note)
+        diffusion = create_diffusion(timestep_respacing="")
+        sampler = runs.EpochBatches(len(dataset), args.global_batch_size, rank, world, args.global_seed)
+        # Its own generator, so creating an iterator never draws from the global RNG (exact resume).
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                            pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.global_seed))
+        if args.report_to != "none":
+            accelerator.project_configuration.set_directories(run_dir)  # tensorboard writes under the run
+            accelerator.init_trackers(os.path.basename(run_dir), config={
+                k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in train_config.items()})
 
-    stats = IntervalStats(device, diffusion.num_timesteps, args.log_quartiles)
-    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-    t_start, start_step = time.time(), step
-    bar = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process or args.no_progress,
-               dynamic_ncols=True, mininterval=2.0)
-    while step < max_steps:
-        epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch, start=step % steps_per_epoch)
-        dataset.set_epoch(epoch)
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
-            stats.add(*train_step(accelerator, training, diffusion, x, y, max_norm, decay,
-                                  args.gradient_accumulation_steps))
-            step += 1
-            bar.update(1)
-            if step % args.log_every == 0 or step == max_steps:
-                record = dict(step=step, epoch=epoch, **stats.read(world), lr=training.scheduler.get_last_lr()[0])
-                record["tflops_per_device"] = record["images_per_s"] * flops_per_image / world / 1e12
-                eta = (max_steps - step) * (time.time() - t_start) / max(step - start_step, 1)
-                log.info(f"step {step:07d}/{max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items()
-                                                                  if k != "step") + f" eta {format_seconds(eta)}")
-                log.stats(record)
-                if args.report_to != "none":
-                    accelerator.log(record, step=step)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if step % args.ckpt_every == 0 or step == max_steps:
-                data = checkpoint_state(training, accelerator, step, model_config, meta, train_config, parent)
-                if accelerator.is_main_process:
-                    log.info(f"saved checkpoint {save_checkpoint(data, ckpt_dir, args.ckpt_keep_last, args.ckpt_keep_every)}")
-                accelerator.wait_for_everyone()
-            if step >= max_steps:
-                break
-    bar.close()
-    check_replicas(training, accelerator, log)
-    log.info("done")
-    accelerator.end_training()
+        log.info(f"{args.model}: {sum(p.numel() for p in training.raw.parameters()) / 1e6:.2f}M parameters, "
+                 f"{flops_per_image / 1e9:.2f} training GFLOPs per image, input {model_config['in_channels']}x"
+                 f"{model_config['input_size']}x{model_config['input_size']}, {meta['num_classes']} classes")
+        log.info(f"{len(dataset)} images from {args.features_path}; {world} process(es) "
+                 f"({accelerator.distributed_type.value}) on {device.type}, {args.global_batch_size // world} images "
+                 f"per process per step in {args.gradient_accumulation_steps} micro-batch(es), {steps_per_epoch} "
+                 f"steps per epoch, {max_steps} steps; mixed precision {precision} (from {precision_source})")
+        if accelerator.distributed_type != DistributedType.FSDP and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+            notes.append("the accelerate config asks for FSDP, which accelerate runs on GPUs only: "
+                         f"training without sharding ({accelerator.distributed_type.value})")
+        for note in [f"run folder {run_dir}"] + notes:
+            log.info(note)
+
+        step = ckpt["step"] if ckpt else 0
+        interval, max_norm = runs.Interval(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+        t_start, start_step, guard = time.time(), step, runs.NonFinite(args.on_nonfinite, run.ckpt_path)
+        bar = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process or args.no_progress,
+                   dynamic_ncols=True, mininterval=2.0)
+        while step < max_steps:
+            epoch = step // steps_per_epoch
+            sampler.set_epoch(epoch, start=step % steps_per_epoch)
+            dataset.set_epoch(epoch)
+            for x, y in loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
+                taken, *figures = train_step(accelerator, training, diffusion, x, y, max_norm, decay,
+                                             args.gradient_accumulation_steps)
+                step += 1
+                bar.update(1)
+                if taken:
+                    interval.add(*figures)
+                    guard.in_a_row = 0
+                else:
+                    interval.skipped += 1
+                    log.info(guard.skip(step, *figures))
+                if step % args.log_every == 0 or step == max_steps:
+                    record = dict(step=step, epoch=epoch, **interval.record(args.global_batch_size, args.log_quartiles),
+                                  lr=training.scheduler.get_last_lr()[0])
+                    record["tflops_per_device"] = record["images_per_s"] * flops_per_image / world / 1e12
+                    log.interval(record, max_steps, (max_steps - step) * (time.time() - t_start) / (step - start_step))
+                    if args.report_to != "none":
+                        accelerator.log(record, step=step)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    interval = runs.Interval()
+                if step % args.ckpt_every == 0 or step == max_steps:
+                    guard.last_good = save(training, accelerator, step, os.path.join(run_dir, "checkpoints"), args,
+                                           guard, model_config, meta, train_config, run.parent)
+                    log.info(f"saved checkpoint {guard.last_good}")
+                if step >= max_steps:
+                    break
+        bar.close()
+        check_replicas(training, accelerator, log)
+        log.info("done")
+        accelerator.end_training()
     return run_dir
 
 
@@ -545,14 +376,13 @@ def image_flags_error(argv):
     for flag in IMAGE_FLAGS:
         legacy.add_argument(flag)
     given, _ = legacy.parse_known_args(argv)
-    command = ["python extract_features.py", f"--data-path {given.data_path or '/path/to/imagenet/train'}",
-               f"--features-path features/imagenet{given.image_size or 256}"]
-    command += [f"--image-size {given.image_size}"] if given.image_size else []
-    command += [f"--vae {given.vae}"] if given.vae else []
-    return (f"{' '.join(f for f in IMAGE_FLAGS if any(a.split('=')[0] == f for a in argv))}: train.py trains "
-            f"from a latent store, which fixes the images, their size, the autoencoder and the classes. Make "
-            f"one first with\n  {' '.join(command)}\nthen pass --features-path "
-            f"features/imagenet{given.image_size or 256} to train.py")
+    store = f"features/imagenet{given.image_size or 256}"
+    command = (f"python extract_features.py --data-path {given.data_path or '/path/to/imagenet/train'} --features-path "
+               f"{store}" + (f" --image-size {given.image_size}" if given.image_size else "")
+               + (f" --vae {given.vae}" if given.vae else ""))
+    return (f"{' '.join(f for f in IMAGE_FLAGS if any(a.split('=')[0] == f for a in argv))}: train.py trains from a "
+            f"latent store, which fixes the images, their size, the autoencoder and the classes. Make one first "
+            f"with\n  {command}\nthen pass --features-path {store} to train.py")
 
 
 def parse_args(argv=None):
@@ -573,6 +403,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup")
     parser.add_argument("--max-grad-norm", type=float, default=0.0,
                         help="clip the global gradient norm to this (0: no clipping, as DiT)")
+    parser.add_argument("--on-nonfinite", choices=["stop", "skip"], default="stop",
+                        help=f"a step with a non-finite loss or gradient norm stops the run, or is skipped (at most "
+                             f"{runs.MAX_SKIPS_IN_A_ROW} in a row); either way it never reaches the weights")
     parser.add_argument("--ema-decay", type=float, default=0.9999)
     parser.add_argument("--ema-warmup", action="store_true",
                         help="decay min(ema_decay, (1 + step) / (10 + step)): useful for short runs")
@@ -598,12 +431,10 @@ def parse_args(argv=None):
     if any(a.split("=")[0] in IMAGE_FLAGS for a in argv):  # before argparse asks for --features-path
         parser.error(image_flags_error(argv))
     args = parser.parse_args(argv)
-    for name in ("epochs", "global_batch_size", "gradient_accumulation_steps", "log_every", "ckpt_every",
+    for name in ("epochs", "max_steps", "global_batch_size", "gradient_accumulation_steps", "log_every", "ckpt_every",
                  "ckpt_keep_last"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.max_steps is not None and args.max_steps <= 0:
-        parser.error("--max-steps must be positive")
     if not 0.0 <= args.ema_decay < 1.0 or not 0.0 <= args.class_dropout_prob < 1.0:
         parser.error("--ema-decay and --class-dropout-prob must be in [0, 1)")
     if args.num_workers < 0 or args.warmup_steps < 0 or args.ckpt_keep_every < 0:

@@ -24,6 +24,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import extract_features  # noqa: E402
 import train  # noqa: E402
+from runs import read_stats  # noqa: E402
 from accelerate.state import AcceleratorState  # noqa: E402
 from models import DiT_models  # noqa: E402
 
@@ -67,7 +68,7 @@ def main(args):
                     "--no-progress", *extra]
             _, train_args = train.parse_args(argv)
             exp = train.main(train_args)
-            best = max(train.read_stats(exp)[1:], key=lambda s: s["images_per_s"])
+            best = max(read_stats(exp)[1:], key=lambda s: s["images_per_s"])
             name = f"train.py {args.model} x{args.batch_size} 32x32 {label}"
             command = f"{COMMAND} --model {args.model} --batch-size {args.batch_size} --steps {args.steps}" \
                 + (" --quick" if args.quick else "")

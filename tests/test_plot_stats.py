@@ -77,12 +77,36 @@ def test_smooth_draws_the_mean_of_the_last_n_intervals(tmp_path):
     assert np.ptp(right_half(smooth)) <= 2
 
 
-def test_points_that_are_not_finite_are_left_out(tmp_path):
+def test_values_that_are_not_finite_numbers_are_left_out(tmp_path):
     run = write_run(tmp_path / "run", [0.5] * 4)
     with open(os.path.join(run, "stats.jsonl"), "a") as f:
-        f.write(json.dumps({"step": 500, "loss": math.nan}) + "\n" + json.dumps({"step": 600, "loss": 0.3}) + "\n")
+        for step, loss in enumerate([math.nan, "0.1", None, [0.2], True, {"a": 1}, 0.3], 5):
+            f.write(json.dumps({"step": step * 100, "loss": loss}) + "\n")
+    steps, values = plot_stats.read_series(run, "loss", 1)
+    assert steps == (100, 200, 300, 400, 1100) and values == [0.5] * 4 + [0.3]
     found = line(plot(run, "--out", tmp_path / "loss.png"), plot_stats.COLOURS[0])
     assert found[max(found)] > found[min(found)] + 100  # the line reaches the last, finite point
+    with open(os.path.join(run, "stats.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 100, "loss": "0.5"}) + "\n")
+    with pytest.raises(plot_stats.PlotError, match="no finite number for 'loss'"):
+        plot(run, "--out", tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("losses", [[1e308, 1e308], [-1e308, -1e307], [0.0, 0.0], [0.0, 5e-324], [5e-324, 5e-324],
+                                    [1e-310, 2e-310], [1e15, 1e15 + 1], [3e7, 1e7]])
+def test_extreme_values_are_drawn(tmp_path, losses):
+    """Values near the float limits draw a line inside the plot with readable tick labels."""
+    run = write_run(tmp_path / "run", losses)
+    found = line(plot(run, "--out", tmp_path), plot_stats.COLOURS[0])  # --out DIR: DIR/loss.png
+    assert os.path.isfile(tmp_path / "loss.png") and len(found) > 200
+    assert all(40 <= row <= plot_stats.HEIGHT - 50 for row in found.values())
+    labels = [label for _, label in plot_stats.ticks(*plot_stats.span(losses, 0.05))]
+    assert 2 <= len(labels) <= 12 and max(map(len, labels)) <= 10, labels
+
+
+def test_a_range_wider_than_a_float_is_refused(tmp_path):
+    with pytest.raises(plot_stats.PlotError, match="the values run from -1e.308 to 1e.308, a range wider than"):
+        plot(write_run(tmp_path / "run", [-1e308, 1e308]), "--out", tmp_path / "x.png")
 
 
 def test_folder_errors_are_one_line(tmp_path, capsys):
@@ -101,14 +125,16 @@ def test_record_errors_name_the_problem(tmp_path):
     run = write_run(tmp_path / "run", [0.5, 0.4], loss_q0=math.nan)
     with pytest.raises(plot_stats.PlotError, match="no key 'los' in stats.jsonl; it has loss, loss_q0, lr$"):
         plot(run, "--key", "los", "--out", tmp_path / "x.png")
-    with pytest.raises(plot_stats.PlotError, match="no finite value of 'loss_q0'"):
+    with pytest.raises(plot_stats.PlotError, match="no finite number for 'loss_q0'"):
         plot(run, "--key", "loss_q0", "--out", tmp_path / "x.png")
     with pytest.raises(plot_stats.PlotError, match="has no records yet"):
         plot(write_run(tmp_path / "empty", []), "--out", tmp_path / "x.png")
-    with open(os.path.join(run, "stats.jsonl"), "a") as f:
-        f.write("{not json\n")
-    with pytest.raises(plot_stats.PlotError, match="is damaged"):
-        plot(run, "--out", tmp_path / "x.png")
+    for damage, message in [("{not json", "line 3 is not JSON"), ('{"loss": 0.3}', "line 3 is not a stats record"),
+                            ('"a string"', "line 3 is not a stats record")]:
+        with open(os.path.join(run, "stats.jsonl"), "w") as f:
+            f.write('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n' + damage + "\n")
+        with pytest.raises(plot_stats.PlotError, match=f"stats.jsonl is damaged: .*{message}"):
+            plot(run, "--out", tmp_path / "x.png")
     assert not os.path.exists(tmp_path / "x.png")
 
 

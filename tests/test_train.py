@@ -1,9 +1,9 @@
-"""train.py on tiny stores: the loss falls, checkpoint files and contents, exact resume, two processes
-under torchrun on the CPU, the refusals, and the accelerate configs."""
-import concurrent.futures
+"""train.py on tiny stores: the loss falls, checkpoint files and contents, exact resume, a diverged run,
+flags changed on resume, one run per folder, two processes under torchrun on the CPU, the refusals, and
+the accelerate configs. Tests that only need a finished run share one (`trained`)."""
 import glob
+import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -19,6 +19,7 @@ sys.path.insert(0, ROOT)
 import checkpoints  # noqa: E402
 import extract_features  # noqa: E402
 import models  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 from conftest import extract_args  # noqa: E402
 
@@ -40,7 +41,7 @@ def load(path):
 
 def log_stats(exp):
     """{step: record} from the run's stats.jsonl."""
-    return {record["step"]: record for record in train.read_stats(exp)}
+    return {record["step"]: record for record in runs.read_stats(exp)}
 
 
 def log_text(exp):
@@ -59,6 +60,16 @@ def tensors_equal(a, b):
     return a == b
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One torch thread in this process: on the test machine's 2 shared cores, two threads wait on each other
+    (a 6-step run measured 4-7x slower with 2 than with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pixel_store(tmp_path_factory, image_folder):
     """image_folder stored as 3x6x6 pixels: 6 is not divisible by the patch of a /4 model."""
@@ -71,29 +82,36 @@ def pixel_store(tmp_path_factory, image_folder):
 def test_epoch_batches_split_each_global_batch_over_processes():
     """Process r takes the r-th slice of every global batch; together they cover a permutation of the
     data, which depends only on (seed, epoch); a resumed epoch continues with the same batches."""
-    full = [list(train.EpochBatches(10, 4, 0, 1, seed=3).__iter__())]
+    full = [list(runs.EpochBatches(10, 4, 0, 1, seed=3).__iter__())]
     per_rank = []
     for rank in range(2):
-        s = train.EpochBatches(10, 4, rank, 2, seed=3)
+        s = runs.EpochBatches(10, 4, rank, 2, seed=3)
         per_rank.append(list(s))
         assert len(s) == 2 and all(len(b) == 2 for b in per_rank[-1])
     for step, batch in enumerate(full[0]):
         assert per_rank[0][step] + per_rank[1][step] == batch
     used = [i for b in full[0] for i in b]
     assert len(set(used)) == 8 and set(used) <= set(range(10))
-    later = train.EpochBatches(10, 4, 0, 1, seed=3)
+    later = runs.EpochBatches(10, 4, 0, 1, seed=3)
     later.set_epoch(1)
     assert list(later) != full[0]
     later.set_epoch(0, start=1)
     assert list(later) == full[0][1:]
 
 
-def test_trains_bf16_loss_falls_and_checkpoints(latent_store, tmp_path):
+@pytest.fixture(scope="module")
+def trained(one_torch_thread, latent_store, tmp_path_factory):
+    """One finished run (bf16, high learning rate, 30 steps, tensorboard) for the tests that only need a run."""
+    return run(latent_store, tmp_path_factory.mktemp("trained"), "--max-steps", "30", "--lr", "2e-3", "--log-every",
+               "10", "--ckpt-every", "5", "--ckpt-keep-last", "2", "--ckpt-keep-every", "10", "--ema-warmup",
+               "--log-quartiles", "--report-to", "tensorboard")
+
+
+def test_trains_bf16_loss_falls_and_checkpoints(trained, latent_store):
     """Default bf16 on the tiny store with a high learning rate: the global mean loss (in the log) falls;
     checkpoints are written atomically, pruned to the latest 2 plus multiples of 10, and hold
     everything a sampler and a resumed run need."""
-    exp = run(latent_store, tmp_path, "--max-steps", "30", "--lr", "2e-3", "--log-every", "10", "--ckpt-every", "5",
-              "--ckpt-keep-last", "2", "--ckpt-keep-every", "10", "--ema-warmup", "--log-quartiles")
+    exp = trained
     assert os.path.basename(exp) == "000-DiT-Digits-2"
     stats = log_stats(exp)
     assert sorted(stats) == [10, 20, 30] and [s["epoch"] for s in stats.values()] == [4, 9, 14]
@@ -101,6 +119,7 @@ def test_trains_bf16_loss_falls_and_checkpoints(latent_store, tmp_path):
     assert stats[30]["loss"] < 0.5 * stats[10]["loss"], stats
     assert stats[30]["lr"] == pytest.approx(2e-3) and stats[30]["images_per_s"] > 0
     assert stats[30]["tflops_per_device"] > 0 and {"loss_q0", "loss_q3", "grad_norm"} <= stats[30].keys()
+    assert stats[30]["skipped_steps"] == 0 and stats[30]["images_per_s"] == pytest.approx(4 * stats[30]["steps_per_s"])
 
     files = sorted(os.listdir(os.path.join(exp, "checkpoints")))
     assert files == ["0000010.pt", "0000020.pt", "0000025.pt", "0000030.pt"]
@@ -110,7 +129,8 @@ def test_trains_bf16_loss_falls_and_checkpoints(latent_store, tmp_path):
     assert ckpt["latents"] == meta
     assert ckpt["model_config"] == dict(model=MODEL, input_size=8, in_channels=4, num_classes=3, learn_sigma=True,
                                         class_dropout_prob=0.1)
-    assert ckpt["train_config"]["lr"] == 2e-3 and "mixed precision bf16 (from train.py's default)" in log_text(exp)
+    assert ckpt["train_config"]["lr"] == 2e-3 and ckpt["train_config"]["mixed_precision"] == "bf16"
+    assert "mixed precision bf16 (from train.py's default)" in log_text(exp)
     assert len(ckpt["rng_states"]) == 1
     # model and ema load strictly into the model the config describes, as in DiT's checkpoints.
     cfg = {k: v for k, v in ckpt["model_config"].items() if k != "model"}
@@ -127,107 +147,126 @@ def test_trains_bf16_loss_falls_and_checkpoints(latent_store, tmp_path):
                        ckpt["ema"]["y_embedder.embedding_table.weight"])
 
 
-def test_resume_equals_uninterrupted_run(latent_store, tmp_path):
+def test_resume_equals_uninterrupted_run_and_accumulation_gives_the_same_update(latent_store, tmp_path):
     """float32 on the CPU, 2 accumulated micro-batches: 3 steps, then --resume auto to 7 (from mid-epoch,
     over epoch boundaries) gives exactly the weights, EMA, optimizer state and RNG states of 7
-    uninterrupted steps, and stats.jsonl holds each step once."""
-    common = ["--mixed-precision", "no", "--ckpt-every", "100", "--log-every", "1", "--lr", "1e-3",
-              "--gradient-accumulation-steps", "2"]
-    whole = run(latent_store, tmp_path / "a", *common, "--max-steps", "7")
-    first = run(latent_store, tmp_path / "b", *common, "--max-steps", "3")
-    resumed = run(latent_store, tmp_path / "b", *common, "--max-steps", "7", "--resume", "auto")
+    uninterrupted steps, and stats.jsonl holds each step once. The global batch of 4 in 1, 2 or 4
+    micro-batches: the same draws per sample, so the same weights up to float32 summation order."""
+    common = ["--mixed-precision", "no", "--ckpt-every", "100", "--log-every", "1", "--lr", "1e-3"]
+    whole = run(latent_store, tmp_path / "a", *common, "--gradient-accumulation-steps", "2", "--max-steps", "7")
+    first = run(latent_store, tmp_path / "b", *common, "--gradient-accumulation-steps", "2", "--max-steps", "3")
+    after3 = {2: load(os.path.join(first, "checkpoints", "0000003.pt"))}
+    resumed = run(latent_store, tmp_path / "b", *common, "--gradient-accumulation-steps", "2", "--max-steps", "7",
+                  "--resume", "auto")
     assert resumed == first
     a = load(os.path.join(whole, "checkpoints", "0000007.pt"))
     b = load(os.path.join(resumed, "checkpoints", "0000007.pt"))
     for key in ("model", "ema", "opt", "scheduler", "rng_states"):
         assert tensors_equal(a[key], b[key]), key
     assert log_stats(whole)[7]["loss"] == log_stats(resumed)[7]["loss"]
-    assert [r["step"] for r in train.read_stats(resumed)] == list(range(1, 8))
+    assert [r["step"] for r in runs.read_stats(resumed)] == list(range(1, 8))
     assert f"continuing {resumed} from its latest checkpoint" in log_text(resumed)
 
-
-def test_gradient_accumulation_gives_the_same_update(latent_store, tmp_path):
-    """Global batch 4 in 1, 2 or 4 micro-batches: the same draws per sample, so the same weights up to
-    float32 summation order, and every micro-batch counted in images/s."""
-    runs = {}
-    for n in (1, 2, 4):
-        exp = run(latent_store, tmp_path / str(n), "--mixed-precision", "no", "--max-steps", "3", "--lr", "1e-3",
-                  "--log-every", "3", "--gradient-accumulation-steps", str(n))
-        runs[n] = load(os.path.join(exp, "checkpoints", "0000003.pt"))
+    for n in (1, 4):
+        exp = run(latent_store, tmp_path / str(n), *common, "--gradient-accumulation-steps", str(n), "--max-steps", "3")
+        after3[n] = load(os.path.join(exp, "checkpoints", "0000003.pt"))
         assert f"in {n} micro-batch(es)" in log_text(exp)
-        record = log_stats(exp)[3]
-        assert record["images_per_s"] == pytest.approx(4 * record["steps_per_s"], rel=1e-6)
     for n in (2, 4):
         for key in ("model", "ema"):
-            for name, value in runs[1][key].items():
-                torch.testing.assert_close(runs[n][key][name], value, rtol=1e-5, atol=1e-6)
-    moved = (runs[1]["model"]["final_layer.linear.weight"] != 0).any()
-    assert moved  # adaLN-Zero starts it at 0: the update is real
+            for name, value in after3[1][key].items():
+                torch.testing.assert_close(after3[n][key][name], value, rtol=1e-5, atol=1e-6)
+    assert (after3[1]["model"]["final_layer.linear.weight"] != 0).any()  # adaLN-Zero starts it at 0: the update is real
     with pytest.raises(train.TrainError, match="not divisible by the 1 processes x 3 micro-batches"):
         run(latent_store, tmp_path / "3", "--max-steps", "1", "--gradient-accumulation-steps", "3")
 
 
-def test_precision_comes_from_the_flag_then_accelerate_then_bf16(latent_store, tmp_path, monkeypatch):
+def test_precision_comes_from_the_flag_then_accelerate_then_bf16(monkeypatch):
+    def precision(*argv):
+        AcceleratorState._reset_state(True)
+        return train.make_accelerator(train.parse_args(["--features-path", "store", *argv])[1])[1:]
+
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what accelerate launch --mixed_precision no sets
-    assert "mixed precision no (from accelerate launch / accelerate config)" in log_text(
-        run(latent_store, tmp_path, "--max-steps", "1"))
-    assert "mixed precision bf16 (from --mixed-precision)" in log_text(
-        run(latent_store, tmp_path, "--max-steps", "1", "--mixed-precision", "bf16"))
+    assert precision() == ("no", "accelerate launch / accelerate config")
+    assert precision("--mixed-precision", "bf16") == ("bf16", "--mixed-precision")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp9")
     with pytest.raises(train.TrainError, match="mixed precision fp9 .from accelerate launch / accelerate config.: "
                                                "Unknown mixed_precision mode"):
-        run(latent_store, tmp_path, "--max-steps", "1")
+        precision()
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
-    assert "mixed precision bf16 (from train.py's default)" in log_text(run(latent_store, tmp_path, "--max-steps", "1"))
+    assert precision() == ("bf16", "train.py's default")
 
 
-def test_new_runs_never_land_in_another_runs_folder(latent_store, tmp_path):
-    """The reproduction from the issue: after deleting run 000, a new run must not write into 001."""
-    first = run(latent_store, tmp_path, "--max-steps", "2", "--mixed-precision", "no")
-    second = run(latent_store, tmp_path, "--max-steps", "6", "--ckpt-every", "2", "--mixed-precision", "no")
-    before = {f: os.stat(f).st_mtime_ns for f in glob.glob(os.path.join(second, "*", "*")) + [
-        os.path.join(second, "log.txt")]}
-    shutil.rmtree(first)
-    third = run(latent_store, tmp_path, "--max-steps", "2", "--mixed-precision", "no")
-    assert os.path.basename(third) == "002-DiT-Digits-2"
-    assert {f: os.stat(f).st_mtime_ns for f in before} == before
-    # Runs starting at the same instant each get their own folder.
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        made = list(pool.map(lambda _: train.new_run_dir(str(tmp_path / "race"), MODEL), range(8)))
-    assert len(set(made)) == 8 and sorted(os.listdir(tmp_path / "race")) == sorted(map(os.path.basename, made))
+def test_a_diverged_run_keeps_its_good_checkpoints(pixel_store, tmp_path, monkeypatch):
+    """The issue's reproduction, shortened: a learning rate that blows the weights up. A non-finite step stops
+    the run naming the last good checkpoint, which pruning kept; non-finite weights are never saved; with
+    --on-nonfinite skip the steps are skipped and counted, up to runs.MAX_SKIPS_IN_A_ROW in a row."""
+    base = ["--mixed-precision", "no", "--ckpt-every", "1", "--ckpt-keep-last", "1", "--log-every", "5"]
 
+    def overflowing_step(accelerator, training, *args):  # a finite step whose update overflows a weight
+        figures = real_step(accelerator, training, *args)
+        training.params[0].data[0] = math.inf
+        return figures
 
-def test_resume_branches_instead_of_overwriting_a_later_history(latent_store, tmp_path):
-    """--resume from an earlier checkpoint, or into another --results-dir, starts a new run folder that
-    records its parent; the original run's checkpoints stay as they were."""
-    base = ["--mixed-precision", "no", "--ckpt-every", "2", "--ckpt-keep-every", "0"]
-    exp = run(latent_store, tmp_path, *base, "--max-steps", "6")
-    ckpts = checkpoints.checkpoint_files(os.path.join(exp, "checkpoints"))
-    before = {p: os.stat(p).st_mtime_ns for p in ckpts.values()}
-    branch = run(latent_store, tmp_path, *base, "--max-steps", "6", "--resume", ckpts[2])
-    assert branch != exp and os.path.basename(branch) == "001-DiT-Digits-2"
-    assert {p: os.stat(p).st_mtime_ns for p in before} == before
-    assert f"branching from {ckpts[2]} (step 2) into a new run, as it is not its run's latest" in log_text(branch)
-    child = load(os.path.join(branch, "checkpoints", "0000006.pt"))
-    assert child["parent"] == ckpts[2] and child["step"] == 6
-    other = run(latent_store, tmp_path / "elsewhere", *base, "--max-steps", "8", "--resume", ckpts[6])
-    assert os.path.dirname(other) == str(tmp_path / "elsewhere") and "--results-dir names another folder" in log_text(other)
-    assert sorted(checkpoints.checkpoint_files(os.path.join(other, "checkpoints"))) == [8]
+    real_step = train.train_step
+    monkeypatch.setattr(train, "train_step", overflowing_step)
+    with pytest.raises(runs.RunError, match="step 1's weights: pos_embed is not finite .*; the run stopped, its last "
+                                            "good checkpoint is none"):
+        run(pixel_store, tmp_path / "inf", *base, "--max-steps", "2")
+    assert checkpoints.checkpoint_files(str(tmp_path / "inf" / "000-DiT-Digits-2" / "checkpoints")) == {}
+    monkeypatch.undo()
 
+    exp = str(tmp_path / "huge" / "000-DiT-Digits-2")
+    good = os.path.join(exp, "checkpoints", "0000001.pt")
+    with pytest.raises(runs.RunError, match=f"step 2: the loss or the gradient norm is not finite .*--on-nonfinite "
+                                               f"skip would skip such steps.; the run stopped, its last good "
+                                               f"checkpoint is {good}: resume from it with a lower --lr"):
+        run(pixel_store, tmp_path / "huge", *base, "--lr", "1e30", "--max-steps", "4")
+    assert sorted(checkpoints.checkpoint_files(os.path.join(exp, "checkpoints"))) == [1]
+    ckpt = load(good)
+    assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in ckpt[part].values())
+    # A --vae none store (3 channels) builds a model with 3 input and 6 output channels.
+    assert ckpt["model_config"]["in_channels"] == 3 and ckpt["model_config"]["input_size"] == 6
+    assert ckpt["model"]["final_layer.linear.weight"].shape[0] == 2 * 2 * 6
 
-def test_resume_auto_skips_a_damaged_newest_checkpoint(latent_store, tmp_path):
-    base = ["--mixed-precision", "no", "--ckpt-every", "2"]
-    exp = run(latent_store, tmp_path, *base, "--max-steps", "4")
-    newest = os.path.join(exp, "checkpoints", "0000004.pt")
-    open(newest, "wb").close()  # emptied, as by a full disk or a killed copy
-    leftover = os.path.join(exp, "checkpoints", "0000006.pt.tmp999999999")  # a killed save's temporary file
-    with open(leftover, "wb") as f:
-        f.write(b"half")
-    assert run(latent_store, tmp_path, *base, "--max-steps", "6", "--resume", "auto") == exp
+    monkeypatch.setattr(runs, "MAX_SKIPS_IN_A_ROW", 2)  # 10 by default
+    with pytest.raises(runs.RunError, match=f"step 4: .*, 3 skipped steps in a row; the run stopped, its last good "
+                                            f"checkpoint is {good}"):
+        run(pixel_store, tmp_path / "huge", *base, "--lr", "1e30", "--max-steps", "100", "--ckpt-every", "100",
+            "--log-every", "1", "--on-nonfinite", "skip", "--resume", "auto")
     text = log_text(exp)
-    assert f"skipping a damaged checkpoint: cannot read {newest} as a checkpoint: the file is empty" in text
-    assert "continuing" in text and "(step 2)" in text and not os.path.exists(leftover)
-    assert load(newest)["step"] == 4  # trained again and written whole
+    assert "--on-nonfinite changed on resume: stop in" in text and "--log-every" not in text  # only what changes a step
+    assert "step 2: the loss or the gradient norm is not finite (loss nan" in text
+    assert "skipped (1 in a row)" in text and "skipped (2 in a row)" in text
+    records = log_stats(exp)
+    assert [(s, r["skipped_steps"]) for s, r in records.items()] == [(2, 1), (3, 1)]
+    assert math.isnan(records[3]["loss"]) and math.isnan(records[3]["grad_norm"])
+    assert sorted(checkpoints.checkpoint_files(os.path.join(exp, "checkpoints"))) == [1]
+
+
+def test_flags_changed_on_resume_are_honoured_or_refused(trained, latent_store, tmp_path):
+    """A new --lr on resume is what the optimizer uses, what the log says and what the checkpoint records;
+    a flag that fixes which images each step sees is refused."""
+    latest = os.path.join(trained, "checkpoints", "0000030.pt")
+    with pytest.raises(runs.RunError, match=f"--global-seed 1: {latest} was trained with 0; resume with the same"):
+        run(latent_store, tmp_path, "--max-steps", "31", "--resume", latest, "--global-seed", "1")
+    exp = run(latent_store, tmp_path, "--max-steps", "31", "--log-every", "1", "--resume", latest, "--lr", "1e-3")
+    assert f"--lr changed on resume: 0.002 in {latest}, 0.001 from now on" in log_text(exp)
+    assert "--results-dir names another folder" in log_text(exp)  # branched: the shared run is left as it was
+    ckpt = load(os.path.join(exp, "checkpoints", "0000031.pt"))
+    assert ckpt["parent"] == latest and ckpt["train_config"]["lr"] == 1e-3
+    assert [g["lr"] for g in ckpt["opt"]["param_groups"]] == [1e-3] and log_stats(exp)[31]["lr"] == 1e-3
+
+
+def test_one_run_per_folder(trained, latent_store):
+    """A second run on a folder another run holds (two --resume auto started together) stops before any work."""
+    lock = runs.RunLock(trained)
+    try:
+        for resume in ("auto", os.path.join(trained, "checkpoints", "0000030.pt")):
+            with pytest.raises(runs.RunError, match=f"{trained} is in use by another run \\(pid {os.getpid()} on host"):
+                run(latent_store, os.path.dirname(trained), "--max-steps", "40", "--resume", resume)
+    finally:
+        lock.close()
+    assert sorted(checkpoints.checkpoint_files(os.path.join(trained, "checkpoints"))) == [10, 20, 25, 30]
 
 
 def test_dit_image_flags_point_to_extract_features(capsys):
@@ -242,40 +281,44 @@ def test_dit_image_flags_point_to_extract_features(capsys):
                                  "--image-size", "512", "--vae", "mse"])  # the command it gives parses
 
 
-def test_tensorboard_event_file_holds_the_logged_figures(latent_store, tmp_path):
+def test_tensorboard_event_file_holds_the_logged_figures(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    exp = run(latent_store, tmp_path, "--max-steps", "4", "--log-every", "2", "--report-to", "tensorboard")
     logged = []
-    for events in glob.glob(os.path.join(exp, "**", "events.out.tfevents.*"), recursive=True):
+    for events in glob.glob(os.path.join(trained, "**", "events.out.tfevents.*"), recursive=True):
         acc = EventAccumulator(events).Reload()  # the scalars' file; the hparams (flags) have their own
         if "loss" in acc.Tags()["scalars"]:
             logged += [(e.step, e.value) for e in acc.Scalars("loss")]
-    expected = [(r["step"], r["loss"]) for r in train.read_stats(exp)]
-    assert [s for s, _ in logged] == [s for s, _ in expected] == [2, 4]
+    expected = [(r["step"], r["loss"]) for r in runs.read_stats(trained)]
+    assert [s for s, _ in logged] == [s for s, _ in expected] == [10, 20, 30]
     assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
 
 
 def test_two_processes_under_torchrun_share_the_work(latent_store, tmp_path):
     """torchrun on a machine without CUDA: 2 cooperating gloo processes, each with half of every global
-    batch and its own RNG, ending with identical weights (train.py compares them and logs it)."""
+    batch and its own RNG, ending with identical weights (train.py compares them and logs it). On a CPU,
+    an accelerate config asking for FSDP (ACCELERATE_USE_FSDP, as configs/fsdp.yaml sets it) trains
+    unsharded and says so."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), "--features-path", latent_store, "--results-dir", str(tmp_path),
            "--model", MODEL, "--global-batch-size", "4", "--max-steps", "4", "--log-every", "2",
            "--num-workers", "0", "--no-progress"]
+    fsdp = {} if torch.cuda.is_available() else {"ACCELERATE_USE_FSDP": "true"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **fsdp})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "2 process(es) (MULTI_CPU)" in out and "2 images per process per step" in out
     assert "weights identical on all 2 processes" in out
     assert out.count("saved checkpoint") == 1  # logs and files from rank 0 only
+    if fsdp:
+        assert "asks for FSDP, which accelerate runs on GPUs only: training without sharding (MULTI_CPU)" in out
     ckpt = load(glob.glob(os.path.join(str(tmp_path), "*", "checkpoints", "0000004.pt"))[0])
     assert len(ckpt["rng_states"]) == 2
     assert not torch.equal(ckpt["rng_states"][0]["torch"], ckpt["rng_states"][1]["torch"])
 
 
-def test_refusals(latent_store, pixel_store, image_folder, tmp_path):
+def test_refusals(trained, latent_store, pixel_store, tmp_path):
     """Each user error stops with a message that says what to change."""
     with pytest.raises(train.TrainError, match="patch must divide the latent size"):
         run(pixel_store, tmp_path, "--model", "DiT-S/4", "--max-steps", "1")
@@ -285,19 +328,32 @@ def test_refusals(latent_store, pixel_store, image_folder, tmp_path):
         run(latent_store, tmp_path, "--max-steps", "1", "--global-batch-size", "64")
     with pytest.raises(train.TrainError, match="pip install wandb"):
         run(latent_store, tmp_path, "--max-steps", "1", "--report-to", "wandb")
-    with pytest.raises(train.TrainError, match="no such checkpoint"):
+    with pytest.raises(runs.RunError, match="no such checkpoint"):
         run(latent_store, tmp_path, "--max-steps", "1", "--resume", str(tmp_path / "missing.pt"))
 
-    exp = run(latent_store, tmp_path / "r", "--max-steps", "1", "--mixed-precision", "no")
-    ckpt = os.path.join(exp, "checkpoints", "0000001.pt")
-    with pytest.raises(train.TrainError, match="another model .*model: checkpoint 'DiT-Digits/2', now 'DiT-S/8'"):
+    ckpt = os.path.join(trained, "checkpoints", "0000030.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="another model .*: checkpoint 'DiT-Digits/2', now 'DiT-S/8'"):
         run(latent_store, tmp_path, "--model", "DiT-S/8", "--max-steps", "2", "--resume", ckpt)
-    with pytest.raises(train.TrainError, match="--global-batch-size 4; resume with the same"):
-        run(latent_store, tmp_path, "--max-steps", "2", "--global-batch-size", "8", "--resume", ckpt)
+    with pytest.raises(runs.RunError, match="--global-batch-size 2: .* was trained with 4; resume with the same"):
+        run(latent_store, tmp_path, "--max-steps", "2", "--global-batch-size", "2", "--resume", ckpt)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(runs.RunError, match="--results-dir .*a_file/results: cannot create a run folder there"):
+        run(latent_store, tmp_path / "a_file" / "results", "--max-steps", "1")  # root writes anywhere else
+    # Crafted checkpoints: non-finite weights, an empty train_config, a bad RNG state.
+    data = load(ckpt)
+    for name, change, error, message in [
+            ("nan.pt", dict(ema={**data["ema"], "pos_embed": data["ema"]["pos_embed"] * math.nan}),
+             checkpoints.CheckpointError, r"nan.pt \(ema\): pos_embed is not finite"),
+            ("empty.pt", dict(train_config={}), checkpoints.CheckpointError, "its train_config is empty"),
+            ("rng.pt", dict(rng_states=[{"torch": torch.zeros(3, dtype=torch.uint8)}]), train.TrainError,
+             "the checkpoint's RNG state of process 0 cannot be restored")]:
+        torch.save({**data, **change}, tmp_path / name)
+        with pytest.raises(error, match=message):
+            run(latent_store, tmp_path / "crafted", "--max-steps", "31", "--resume", str(tmp_path / name))
     truncated = tmp_path / "truncated.pt"  # a copy cut short, as by a full disk
     with open(ckpt, "rb") as f:
         truncated.write_bytes(f.read(1000))
-    with pytest.raises(train.TrainError, match="cannot read .*truncated.pt as a checkpoint"):
+    with pytest.raises(checkpoints.CheckpointError, match="cannot read .*truncated.pt as a checkpoint"):
         run(latent_store, tmp_path, "--max-steps", "2", "--resume", str(truncated))
     # Same model shapes, other images: another store.
     other = tmp_path / "other_images"
@@ -308,7 +364,7 @@ def test_refusals(latent_store, pixel_store, image_folder, tmp_path):
     other_store = str(tmp_path / "other_store")
     extract_features.main(extract_args(data_path=str(other), features_path=other_store,
                                        vae=train.LatentDataset(latent_store).meta["vae"]))
-    with pytest.raises(train.TrainError, match="another latent store .*class_names"):
+    with pytest.raises(checkpoints.CheckpointError, match="another latent store .*class_names"):
         run(other_store, tmp_path, "--max-steps", "2", "--resume", ckpt)
 
     # The command line turns them into a usage message, not a traceback (and accepts --feature-path).
@@ -320,14 +376,6 @@ def test_refusals(latent_store, pixel_store, image_folder, tmp_path):
         train.parse_args(["--features-path", latent_store, "--model", "DiT-Q/3"])
     with pytest.raises(SystemExit):
         train.parse_args(["--features-path", latent_store, "--epochs", "2", "--max-steps", "3"])
-
-
-def test_pixel_store_trains(pixel_store, tmp_path):
-    """A --vae none store (3 channels) builds a model with 3 input and 6 output channels and trains."""
-    exp = run(pixel_store, tmp_path, "--max-steps", "2", "--log-every", "1")
-    ckpt = load(os.path.join(exp, "checkpoints", "0000002.pt"))
-    assert ckpt["model_config"]["in_channels"] == 3 and ckpt["model_config"]["input_size"] == 6
-    assert ckpt["model"]["final_layer.linear.weight"].shape[0] == 2 * 2 * 6
 
 
 def test_accelerate_configs_parse():
@@ -343,19 +391,6 @@ def test_accelerate_configs_parse():
     assert isinstance(getattr(models, fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]), type)
     with open(os.path.join(ROOT, "configs", "fsdp.yaml")) as f:
         assert yaml.safe_load(f)["mixed_precision"] == "bf16"
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback; on a GPU the FSDP test below runs")
-def test_fsdp_config_on_cpu_says_it_trains_unsharded(latent_store, tmp_path):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(ROOT, "configs", "fsdp.yaml"), "--num_processes",
-           "2", "--main_process_port", "0", os.path.join(ROOT, "train.py"), "--features-path", latent_store,
-           "--results-dir", str(tmp_path), "--model", MODEL, "--global-batch-size", "4", "--max-steps", "2",
-           "--num-workers", "0", "--no-progress", "--mixed-precision", "no"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "asks for FSDP, which accelerate runs on GPUs only: training without sharding (MULTI_CPU)" in proc.stdout
-    assert "weights identical on all 2 processes" in proc.stdout
 
 
 @pytest.mark.gpu
