@@ -25,10 +25,7 @@ already scaled by 0.18215) into a store instead.
 """
 import argparse
 import contextlib
-import errno
-import fcntl
 import glob
-import hashlib
 import os
 import time
 import warnings
@@ -40,21 +37,16 @@ from accelerate.utils import broadcast_object_list, reduce
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 import latents
-from files import DiskFullError, atomic_write, free_bytes, run_script, sweep_temp_files
-from latents import StoreError
-from vae import VAEError, center_crop_arr, downsampling_factor, load_vae, scaling_factor
+from files import run_script, sweep_temp_files
+from latents import StoreError, shown
+from vae import center_crop_arr, downsampling_factor, load_vae, scaling_factor
 
 # fast-DiT multiplies its stored latents by this constant (not read from the VAE config).
 FAST_DIT_SCALING_FACTOR = 0.18215
-# Store settings that must match for a rerun to continue an existing store.
-SETTINGS_KEYS = ("format", "source", "vae", "scaling_factor", "image_size", "latent_shape", "dtype",
-                 "views", "posterior", "flip", "shard_size", "rows", "files_sha1")
-# Held with flock by the run writing a store (released by the OS when that process ends, even killed).
-LOCK_FILE = ".lock"
 # The white level of the high-bit-depth modes Pillow opens (16-bit PNG and TIFF, float TIFF):
 # Image.convert("RGB") clips these to 255 instead of scaling them (a 16-bit image comes out white).
 WHITE_LEVEL = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "F": 1.0}
@@ -62,12 +54,6 @@ WHITE_LEVEL = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "F
 
 class UnusableImage(Exception):
     """An image that decodes but is not used (too large, pixels of unknown range): skipped and listed."""
-
-
-def shown(name):
-    """A path or name as printable text: bytes that are not UTF-8 (kept by Python as surrogates, which
-    print() and other JSON readers refuse) become backslash escapes, e.g. caf\\xe9."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def to_rgb(img):
@@ -160,18 +146,61 @@ def check_output_path(features_path, input_path):
 
 
 def scan_images(data_path):
-    """Sorted ImageFolder listing: (files, labels, class names); a clear error when there is nothing."""
+    """
+    The ImageFolder listing in torchvision's order (classes sorted; in each, every folder reached
+    with links followed, sorted by path; files sorted in each folder).
+
+    :return: (files, labels, class names).
+    :raises StoreError: no class folders or no images, or a loop of links (see class_folders).
+    """
     if not os.path.isdir(data_path):
         raise StoreError(f"--data-path {data_path} is not a folder")
-    try:
-        classes, class_to_idx = find_classes(data_path)
-    except FileNotFoundError as e:
-        raise StoreError(f"--data-path {data_path}: {e} (expected one sub-folder per class)") from e
-    samples = make_dataset(data_path, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    if not samples:
+    classes = sorted(e.name for e in os.scandir(data_path) if e.is_dir())
+    if not classes:
+        raise StoreError(f"--data-path {data_path} has no sub-folders (expected one sub-folder per class)")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for folder, names in class_folders(data_path, name):
+            found = [os.path.join(folder, n) for n in names if n.lower().endswith(IMG_EXTENSIONS)]
+            files += found
+            labels += [label] * len(found)
+    if not files:
         raise StoreError(f"--data-path {data_path}: no images ({', '.join(IMG_EXTENSIONS)}) "
                          f"in its {len(classes)} class folders")
-    return [p for p, _ in samples], [c for _, c in samples], classes
+    return files, labels, classes
+
+
+def class_folders(data_path, name):
+    """
+    (folder, sorted names of the files in it) for class folder `name` and every folder under it,
+    links followed, sorted by folder path: what torchvision's make_dataset walks.
+
+    A link that leads back to a folder on its own path (`ln -s . loop`) is refused, not listed once:
+    a loop has no listing to agree with (torchvision's walk repeats the files under it until the
+    path grows too long, and two loops make that walk never end), while any other link keeps
+    ImageFolder's meaning, one sample per path, even where two classes link to one file; so
+    deduplicating files by inode would change what those folders mean.
+
+    :raises StoreError: a loop, naming the link.
+    """
+    def enter(folder, outer):  # outer: (st_dev, st_ino) of the folders `folder` is in
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in outer:
+            raise StoreError(f"--data-path {data_path}: {folder} leads back to {os.path.realpath(folder)}, "
+                             f"a folder it is in: a loop of links, which would list its files without end; "
+                             f"remove that link")
+        return outer | {(st.st_dev, st.st_ino)}
+
+    top = os.path.join(data_path, name)
+    outer = {top: enter(top, enter(data_path, frozenset()))}
+    listing = []
+    for folder, subfolders, names in os.walk(top, followlinks=True):
+        listing.append((folder, sorted(names)))
+        inside = outer.pop(folder)
+        for sub in sorted(subfolders):
+            with contextlib.suppress(OSError):  # gone or unreadable: os.walk skips it too
+                outer[os.path.join(folder, sub)] = enter(os.path.join(folder, sub), inside)
+    return sorted(listing)
 
 
 def read_fast_dit_label(path):
@@ -215,71 +244,20 @@ def scan_fast_dit(path):
     return files, labels, latent_shape
 
 
-def files_digest(files, labels, root):
-    """
-    The store's identity of its inputs: each file's path under root, label, size and modification time
-    (whole seconds). A rerun on another folder, or after a file was replaced or edited, is refused
-    instead of mixing old and new contents into one store; the pixels themselves are not hashed (that
-    would read the whole dataset once more).
-    """
-    h = hashlib.sha1()
-    for f, y in zip(files, labels):
-        try:
-            st = os.stat(f)
-            size, mtime = st.st_size, int(st.st_mtime)
-        except OSError:  # vanished since the listing: it will be skipped as unreadable
-            size, mtime = -1, -1
-        h.update(os.fsencode(os.path.relpath(f, root)) + f"\t{y}\t{size}\t{mtime}\n".encode())
-    return h.hexdigest()
-
-
-def check_existing(path, settings):
-    """
-    :return: None for a new store, else the existing meta dict (its settings equal `settings`).
-    :raises StoreError: when path holds something else or a store made with other settings.
-    """
-    meta_path = os.path.join(path, latents.META_FILE)
-    if not os.path.isfile(meta_path):
-        if os.path.isdir(path) and set(os.listdir(path)) - {LOCK_FILE}:
-            raise StoreError(f"--features-path {path} exists, is not empty and is not a latent store: "
-                             f"refusing to write into it")
-        return None
-    meta = latents.read_json(meta_path)
-    diff = [f"{k}: store has {meta.get(k)!r}, this run {settings[k]!r}"
-            for k in SETTINGS_KEYS if meta.get(k) != settings[k]]
-    if diff:
-        raise StoreError(f"--features-path {path} holds a store made with other settings or inputs "
-                         f"(the inputs' names, sizes or modification times differ when files_sha1 does); "
-                         f"choose another folder or delete it.\n  " + "\n  ".join(diff))
-    return meta
-
-
-def damaged_shards(path, meta):
-    """{shard index: what is wrong} for the shards of a complete store whose files are damaged."""
-    problems = {k: latents.shard_problem(path, meta, k) for k in range(len(meta["shards"]))}
-    return {k: p for k, p in problems.items() if p}
-
-
 @contextlib.contextmanager
 def store_lock(path, state):
     """
-    Hold the store's lock file while this run writes it (rank 0 holds it for all processes of the run).
-    The OS releases a flock when its process ends, however it ends, so there is no stale lock.
+    Hold the store's lock (latents.lock_store) while this run writes it: rank 0 holds it for all
+    processes of the run.
 
     :raises StoreError: on every process, when another run holds the lock.
     """
     holder, message = None, None
     if state.is_main_process:
-        os.makedirs(path, exist_ok=True)
-        holder = open(os.path.join(path, LOCK_FILE), "a")
         try:
-            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder.close()
-            holder = None
-            message = (f"--features-path {path} is being written by another extract_features.py (it holds "
-                       f"{os.path.join(path, LOCK_FILE)}); wait for it to end: this command then finds the "
-                       f"store complete, or continues it if that run was stopped")
+            holder = latents.lock_store(path)
+        except StoreError as e:
+            message = str(e)
     message = broadcast_object_list([message])[0]
     if message:
         raise StoreError(message)
@@ -288,42 +266,6 @@ def store_lock(path, state):
     finally:
         if holder is not None:
             holder.close()
-
-
-def reserve_space(npy):
-    """
-    Allocate every block of a shard file now. np.lib.format.open_memmap makes a sparse file, which gets
-    its blocks only when the memory map is written: on a full disk that write is a SIGBUS that kills the
-    process without a word. Allocated up front, a full disk is an error here, before any encoding.
-
-    :raises DiskFullError: not enough space (the new file is removed; the message says how much is needed).
-    """
-    fd = os.open(npy, os.O_RDWR)
-    try:
-        size = os.fstat(fd).st_size
-        os.posix_fallocate(fd, 0, size)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        raise DiskFullError(errno.ENOSPC, f"no space left on the device for {npy} ({size / 2**20:,.1f} MiB; "
-                                          f"{free_bytes(npy) / 2**20:,.1f} MiB free there): free some space "
-                                          f"and rerun the same command, which continues from there") from e
-    finally:
-        os.close(fd)
-
-
-def open_shard(npy, shape, dtype, new):
-    """The shard's array as a writable memory map with its space reserved (a new file is created)."""
-    try:
-        if new:
-            arr = np.lib.format.open_memmap(npy, mode="w+", dtype=dtype, shape=shape)
-        reserve_space(npy)
-    except OSError:
-        if new:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(npy)
-        raise
-    return arr if new else np.lib.format.open_memmap(npy, mode="r+")
 
 
 class Encoder:
@@ -346,37 +288,6 @@ class Encoder:
         out = torch.stack([torch.stack([mean[:b], std[:b]], 1),
                            torch.stack([mean[b:], std[b:]], 1)], 1)  # (B, 2 views, 2, C, h, w)
         return out
-
-
-def plan_batches(store, meta, shards, batch_size):
-    """For this process's shards: open (or create) each shard array and its progress, and list the
-    batches still to do; batches never cross a shard, so progress is per shard. A shard whose file
-    is missing or damaged starts again."""
-    todo, state = [], {}
-    for k in shards:
-        lo = k * meta["shard_size"]
-        n = meta["shards"][k]["rows"]
-        npy = os.path.join(store, meta["shards"][k]["file"])
-        js = os.path.join(store, latents.shard_name(k) + ".json")
-        intact = os.path.isfile(js) and latents.shard_problem(store, meta, k) is None
-        progress = latents.read_json(js) if intact else None
-        if progress is not None and "stats" in progress:
-            continue  # finished earlier
-        arr = open_shard(npy, latents.shard_shape(meta, k), meta["dtype"], new=progress is None)
-        if progress is None:
-            progress = {"rows": n, "done": 0, "skipped": []}
-            latents.write_json_atomic(js, progress)
-        state[k] = (arr, progress, js, lo)
-        todo += [list(range(lo + s, lo + min(s + batch_size, n)))
-                 for s in range(progress["done"], n, batch_size)]
-    return todo, state
-
-
-def finish_shard(arr, progress, js):
-    valid = np.ones(progress["rows"], dtype=bool)
-    valid[[s["row"] for s in progress["skipped"]]] = False
-    progress["stats"] = latents.shard_statistics(arr, valid)
-    latents.write_json_atomic(js, progress)
 
 
 def read_inputs(args, state):
@@ -410,8 +321,8 @@ def read_inputs(args, state):
         "views": 2 if flip == latents.FLIP_ENCODED else 1, "posterior": vae is not None,
         "flip": flip, "shard_size": args.shard_size, "rows": len(files),
         # One stat() per input file, on rank 0 only: the file server answers once, not once per process.
-        "files_sha1": broadcast_object_list([files_digest(files, labels, root) if state.is_main_process
-                                             else None])[0],
+        "files_sha1": broadcast_object_list([latents.inputs_digest(files, labels, root)
+                                             if state.is_main_process else None])[0],
     }
     return items, files, labels, [shown(c) for c in class_names], root, vae, settings
 
@@ -423,46 +334,46 @@ def main(args):
 
     check_output_path(args.features_path, args.fast_dit_path or args.data_path)
     items, files, labels, class_names, root, vae, settings = read_inputs(args, state)
-    existing = check_existing(args.features_path, settings)
-    if existing is not None and existing.get("complete") and not damaged_shards(args.features_path, existing):
+    existing = latents.read_existing(args.features_path, settings)
+    if existing is not None and existing["complete"] and not latents.damaged_shards(args.features_path, existing):
         log(f"{args.features_path} is already complete ({existing['count']} images): nothing to do")
         return existing
     with store_lock(args.features_path, state):
         # Read again under the lock: another run may have finished or extended the store meanwhile.
-        existing = check_existing(args.features_path, settings)
-        if existing is not None and existing.get("complete"):
-            damaged = damaged_shards(args.features_path, existing)
+        existing = latents.read_existing(args.features_path, settings)
+        if existing is not None and existing["complete"]:
+            damaged = latents.damaged_shards(args.features_path, existing)
             if not damaged:
                 log(f"{args.features_path} is already complete ({existing['count']} images): nothing to do")
                 return existing
             for k, problem in damaged.items():
-                log(f"{existing['shards'][k]['file']} {problem}: encoding that shard again")
-        num_shards = -(-len(files) // args.shard_size)
-        meta = dict(settings, complete=False, data_path=shown(os.path.abspath(root)),
-                    num_classes=len(class_names), class_names=class_names,
-                    shards=[{"file": latents.shard_name(k) + ".npy",
-                             "rows": min(args.shard_size, len(files) - k * args.shard_size)}
-                            for k in range(num_shards)])
+                log(f"{latents.shard_name(k)}.npy {problem}: encoding that shard again")
+        meta = latents.new_meta(settings, class_names, shown(os.path.abspath(root)))
         state.wait_for_everyone()  # every process has checked the folder before anyone writes to it
         if state.is_main_process:
             for name in sweep_temp_files(args.features_path):
                 log(f"removed {name}, left by a run that was killed")
-            with atomic_write(os.path.join(args.features_path, latents.LABELS_FILE)) as f:
-                np.save(f, np.asarray(labels, dtype=np.int64))
-            latents.write_json_atomic(os.path.join(args.features_path, latents.META_FILE), meta)
+            latents.start_store(args.features_path, meta, labels)
         state.wait_for_everyone()
-        encoded, secs = encode_shards(args, state, items, files, vae, meta, num_shards)
+        encoded, secs = encode_shards(args, state, items, files, vae, meta)
         if state.is_main_process:
-            finish_store(args.features_path, meta, root, files, encoded, secs, state.num_processes, log)
+            meta, skipped = latents.finish_store(args.features_path, meta, files, root)
+            log(f"done: {meta['count']} images stored, {len(skipped)} skipped; this run encoded {encoded} in "
+                f"{secs:.1f}s ({encoded / max(secs, 1e-9):.1f} images/s over {state.num_processes} processes)")
+            for s in skipped:
+                log(f"  skipped {s['path']}: {s['error']}")
         state.wait_for_everyone()
     return latents.read_json(os.path.join(args.features_path, latents.META_FILE))
 
 
-def encode_shards(args, state, items, files, vae, meta, num_shards):
-    """Encode this process's shards (round-robin) batch by batch, committing progress per batch.
+def encode_shards(args, state, items, files, vae, meta):
+    """Encode this process's shards (round-robin) batch by batch, committing progress per batch;
+    batches never cross a shard, so progress is per shard.
     :return: (images encoded by all processes in this run, seconds)."""
-    rank, world = state.process_index, state.num_processes
-    todo, shards = plan_batches(args.features_path, meta, range(rank, num_shards, world), args.batch_size)
+    rank, world, num_shards = state.process_index, state.num_processes, len(meta["shards"])
+    shards = latents.open_shards(args.features_path, meta, range(rank, num_shards, world))
+    todo = [list(range(w.lo + s, w.lo + min(s + args.batch_size, w.rows)))
+            for w in shards.values() for s in range(w.done, w.rows, args.batch_size)]
     if state.is_main_process:
         print(f"{len(files)} inputs in {meta['num_classes']} classes -> {args.features_path}: "
               f"{num_shards} shards over {world} processes; rank 0 has {sum(map(len, todo))} left to encode")
@@ -473,47 +384,23 @@ def encode_shards(args, state, items, files, vae, meta, num_shards):
     with tqdm(total=sum(map(len, todo)), unit="img", disable=not state.is_main_process,
               desc=f"rank 0 of {world}") as bar:
         for index, x, errors in loader:
-            k = int(index[0]) // args.shard_size
-            arr, progress, js, lo = shards[k]
+            shard = shards[int(index[0]) // args.shard_size]
             ok = torch.tensor([not e for e in errors])
             for i, e in zip(index.tolist(), errors):
                 if e:
-                    progress["skipped"].append({"row": i - lo, "index": i, "path": shown(files[i]), "error": e})
+                    shard.skip(i, shown(files[i]), e)
                     if state.is_main_process:
                         tqdm.write(f"skipping {shown(files[i])}: {e}")
             if ok.any():
-                rows = encode(x[ok]).cpu().numpy()
-                arr[index[ok].numpy() - lo] = rows
-                arr.flush()  # the data is on disk before the progress marker says so
-            progress["done"] = int(index[-1]) + 1 - lo
-            latents.write_json_atomic(js, progress)
-            if progress["done"] == progress["rows"]:
-                finish_shard(arr, progress, js)
+                shard.write(index[ok].numpy(), encode(x[ok]).cpu().numpy())
+            shard.commit(int(index[-1]) + 1)
             encoded += int(ok.sum())
             bar.update(len(index))
-    for arr, progress, js, _ in shards.values():
-        if "stats" not in progress:  # a shard whose last batch was done before a kill, not yet summed
-            finish_shard(arr, progress, js)
+    for shard in shards.values():
+        if not shard.finished:  # a shard whose last batch was done before a kill, not yet summed
+            shard.finish()
     total = reduce(torch.tensor(float(encoded), device=state.device), "sum").item()
     return int(total), time.time() - start
-
-
-def finish_store(path, meta, root, files, encoded, secs, world, log):
-    """Combine the shards' skip lists and statistics into meta.json, marking the store complete."""
-    parts = [latents.read_json(os.path.join(path, latents.shard_name(k) + ".json"))
-             for k in range(len(meta["shards"]))]
-    skipped = sorted((s for p in parts for s in p["skipped"]), key=lambda s: s["index"])
-    mean, std = latents.channel_moments([p["stats"] for p in parts], meta["scaling_factor"])
-    meta = dict(meta, complete=True, count=len(files) - len(skipped), channel_mean=mean, channel_std=std,
-                skipped=[shown(os.path.relpath(files[s["index"]], root)) for s in skipped],
-                skipped_indices=[s["index"] for s in skipped],
-                bytes_per_image=int(np.prod(meta["latent_shape"])) * meta["views"]
-                * (2 if meta["posterior"] else 1) * np.dtype(meta["dtype"]).itemsize)
-    latents.write_json_atomic(os.path.join(path, latents.META_FILE), meta)
-    log(f"done: {meta['count']} images stored, {len(skipped)} skipped; this run encoded "
-        f"{encoded} in {secs:.1f}s ({encoded / max(secs, 1e-9):.1f} images/s over {world} processes)")
-    for s in skipped:
-        log(f"  skipped {s['path']}: {s['error']}")
 
 
 def parse_args(argv=None):

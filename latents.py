@@ -1,5 +1,5 @@
 """
-The latent store written by extract_features.py, and the Dataset that trains from it.
+The latent store: its format, written (for extract_features.py) and read (LatentDataset, for train.py).
 
     from latents import LatentDataset
     ds = LatentDataset("features/imagenet256", seed=0)   # DiT's distribution: flip + posterior sample
@@ -26,19 +26,39 @@ Store layout (one folder):
 Rows of skipped (unreadable) files stay in the shard arrays, zero-filled, and are left out by the
 reader. Shards are fixed ranges of the global order, handed to processes round-robin, so the store
 does not depend on how many processes wrote it.
+
+File names come from this layout alone (shard k is always shard-0000k.npy): the shard list in
+meta.json must equal the layout of its rows and shard_size, so a store cannot point a reader or a
+writer at a file outside itself. Writing never follows a link: shards and the lock file are opened
+with O_NOFOLLOW (a link there is refused), and meta.json, labels.npy and progress files are
+renamed into place, which replaces a link instead of writing through it.
+
+Writing, as extract_features.py does it: read_existing (refuses a store made with other settings),
+lock_store, new_meta and start_store (rank 0), open_shards for this process's shards, per batch
+ShardWriter.write / skip / commit, then finish_store (rank 0) marks the store complete.
 """
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import os
+import stat
 import warnings
 
 import numpy as np
 import torch
 
-from files import UserError, atomic_write
+from files import DiskFullError, UserError, atomic_write, free_bytes
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 LABELS_FILE = "labels.npy"
+# Held with flock by the run writing a store (released by the OS when that process ends, even killed).
+LOCK_FILE = ".lock"
+# Store settings that must match for a rerun to continue an existing store.
+SETTINGS_KEYS = ("format", "source", "vae", "scaling_factor", "image_size", "latent_shape", "dtype",
+                 "views", "posterior", "flip", "shard_size", "rows", "files_sha1")
 
 # How the horizontal flip is realised when reading (meta["flip"]).
 FLIP_ENCODED = "encoded"  # the mirror image was encoded too: view 1 of every row
@@ -46,13 +66,25 @@ FLIP_EXACT = "exact"      # pixel space: mirroring the stored array is the mirro
 FLIP_NONE = "none"        # no mirror available (fast-DiT features, where one flip is frozen in)
 
 
+class StoreError(UserError, ValueError):
+    """A store (or the input of one) cannot be used: unfinished, damaged, or made with other settings."""
+
+
 def shard_name(k):
-    """File stem of shard k ("shard-00003")."""
+    """File stem of shard k ("shard-00003"): its array is <stem>.npy, its progress <stem>.json."""
     return f"shard-{k:05d}"
 
 
-class StoreError(UserError, ValueError):
-    """A store (or the input of one) cannot be used: unfinished, damaged, or made with other settings."""
+def shard_layout(rows, shard_size):
+    """meta["shards"] of a store of `rows` rows: [{"file": "shard-00000.npy", "rows": n}, ...]."""
+    return [{"file": shard_name(k) + ".npy", "rows": min(shard_size, rows - lo)}
+            for k, lo in enumerate(range(0, rows, shard_size))]
+
+
+def shown(name):
+    """A path or name as printable text: bytes that are not UTF-8 (kept by Python as surrogates, which
+    print() and other JSON readers refuse) become backslash escapes, e.g. caf\\xe9."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def write_json_atomic(path, obj):
@@ -63,12 +95,53 @@ def write_json_atomic(path, obj):
 
 
 def read_json(path):
-    """:raises StoreError: the file is not JSON (a damaged store file); FileNotFoundError: missing."""
+    """:return: the JSON object (a dict) in path.
+    :raises StoreError: the file is not a JSON object (a damaged store file); FileNotFoundError: missing."""
     with open(path) as f:
         try:
-            return json.load(f)
+            obj = json.load(f)
         except ValueError as e:
             raise StoreError(f"{path} is damaged (not JSON: {e})") from e
+    if not isinstance(obj, dict):
+        raise StoreError(f"{path} is damaged (a JSON {type(obj).__name__}, not an object)")
+    return obj
+
+
+def check_meta(path, meta):
+    """
+    :raises StoreError: meta.json lacks a key the format needs, or its shard list is not the layout of
+            its rows and shard_size (a damaged or crafted file, e.g. one naming a file outside the store).
+    """
+    file = os.path.join(path, META_FILE)
+    needed = SETTINGS_KEYS + ("shards",) + (("count", "skipped_indices") if meta.get("complete") else ())
+    missing = [k for k in needed if k not in meta]
+    if missing:
+        raise StoreError(f"{file} is damaged: no {', '.join(missing)}; rerun the extract_features.py command "
+                         f"that made the store")
+    rows, size = meta["rows"], meta["shard_size"]
+    if not (type(rows) is int and type(size) is int and rows >= 0 and size > 0
+            and meta["shards"] == shard_layout(rows, size)):
+        raise StoreError(f"{file} is damaged: its shard list is not the layout of {rows!r} rows in shards of "
+                         f"{size!r} (shard-00000.npy, ...); rerun the extract_features.py command that made "
+                         f"the store")
+
+
+def inputs_digest(files, labels, root):
+    """
+    The store's identity of its inputs (meta["files_sha1"]): each file's path under root, label, size
+    and modification time (whole seconds). A rerun on another folder, or after a file was replaced or
+    edited, is refused instead of mixing old and new contents into one store; the pixels themselves
+    are not hashed (that would read the whole dataset once more).
+    """
+    h = hashlib.sha1()
+    for f, y in zip(files, labels):
+        try:
+            st = os.stat(f)
+            size, mtime = st.st_size, int(st.st_mtime)
+        except OSError:  # vanished since the listing: it will be skipped as unreadable
+            size, mtime = -1, -1
+        h.update(os.fsencode(os.path.relpath(f, root)) + f"\t{y}\t{size}\t{mtime}\n".encode())
+    return h.hexdigest()
 
 
 def shard_shape(meta, k):
@@ -82,7 +155,7 @@ def shard_problem(path, meta, k):
 
     :return: None when it holds the whole array, else what is wrong ("is truncated: ...").
     """
-    file = os.path.join(path, meta["shards"][k]["file"])
+    file = os.path.join(path, shard_name(k) + ".npy")
     shape, dtype = shard_shape(meta, k), np.dtype(meta["dtype"])
     try:
         with open(file, "rb") as f:
@@ -103,6 +176,234 @@ def shard_problem(path, meta, k):
         return f"is truncated: {size:,} of {want:,} bytes"
     return None
 
+
+def damaged_shards(path, meta):
+    """{shard index: what is wrong (shard_problem)} for the shards whose files are damaged."""
+    problems = {k: shard_problem(path, meta, k) for k in range(len(meta["shards"]))}
+    return {k: p for k, p in problems.items() if p}
+
+
+# Writing ------------------------------------------------------------------------------------------
+
+def read_existing(path, settings):
+    """
+    The store already at `path`, for a run that writes it with `settings` (a dict of SETTINGS_KEYS).
+
+    :return: None when there is none yet (no folder, or an empty one), else its meta dict.
+    :raises StoreError: path holds something else, a store made with other settings, or a damaged meta.
+    """
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isfile(meta_path):
+        if os.path.isdir(path) and set(os.listdir(path)) - {LOCK_FILE}:
+            raise StoreError(f"--features-path {path} exists, is not empty and is not a latent store: "
+                             f"refusing to write into it")
+        return None
+    meta = read_json(meta_path)
+    check_meta(path, meta)
+    diff = [f"{k}: store has {meta.get(k)!r}, this run {settings[k]!r}"
+            for k in SETTINGS_KEYS if meta.get(k) != settings[k]]
+    if diff:
+        raise StoreError(f"--features-path {path} holds a store made with other settings or inputs "
+                         f"(the inputs' names, sizes or modification times differ when files_sha1 does); "
+                         f"choose another folder or delete it.\n  " + "\n  ".join(diff))
+    return meta
+
+
+def _open_no_link(file, flags, what):
+    """os.open(file, flags) that refuses a symbolic link, anything but a regular file, and a file with
+    other hard links (writing would change a file outside the store). :return: the descriptor."""
+    try:
+        fd = os.open(file, flags | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise StoreError(f"{file} is a symbolic link: refusing to write {what} through it (a store's files "
+                         f"are its own); remove it and rerun") from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        why = "has other hard links" if stat.S_ISREG(st.st_mode) else "is not a regular file"
+        raise StoreError(f"{file} {why}: refusing to write {what} into it (a store's files are its own); "
+                         f"remove it and rerun")
+    return fd
+
+
+def lock_store(path):
+    """
+    Take the store's lock file (creating the folder), which the OS releases when this process ends,
+    however it ends, so there is no stale lock.
+
+    :return: the open lock file; closing it releases the lock.
+    :raises StoreError: another run holds the lock, or the lock file is a link.
+    """
+    os.makedirs(path, exist_ok=True)
+    file = os.path.join(path, LOCK_FILE)
+    holder = os.fdopen(_open_no_link(file, os.O_RDWR | os.O_CREAT, "the lock"), "r+b")
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder.close()
+        raise StoreError(f"--features-path {path} is being written by another extract_features.py (it holds "
+                         f"{file}); wait for it to end: this command then finds the store complete, or "
+                         f"continues it if that run was stopped") from None
+    return holder
+
+
+def new_meta(settings, class_names, data_path):
+    """The meta.json of a store being written: settings, the inputs' classes and folder, the layout."""
+    return dict(settings, complete=False, data_path=data_path, num_classes=len(class_names),
+                class_names=class_names, shards=shard_layout(settings["rows"], settings["shard_size"]))
+
+
+def start_store(path, meta, labels):
+    """Write labels.npy and the unfinished meta.json (one process: rank 0)."""
+    with atomic_write(os.path.join(path, LABELS_FILE)) as f:
+        np.save(f, np.asarray(labels, dtype=np.int64))
+    write_json_atomic(os.path.join(path, META_FILE), meta)
+
+
+def open_shard_array(file, shape, dtype, new):
+    """
+    Shard `file` as a writable memory map, every block of it allocated now. A sparse file (what
+    np.lib.format.open_memmap makes) gets its blocks only when the memory map is written: on a full
+    disk that write is a SIGBUS that kills the process without a word. Allocated up front, a full
+    disk is an error here, before any encoding.
+
+    :param new: create (or empty) the file and write its header; else open the existing array.
+    :raises DiskFullError: not enough space (a new file is removed; the message says how much is needed).
+            StoreError: the file is a link or not a plain file of its own.
+    """
+    dtype = np.dtype(dtype)
+    fd = _open_no_link(file, os.O_RDWR | (os.O_CREAT if new else 0), "a shard")
+    try:
+        with os.fdopen(fd, "r+b") as f:
+            if new:
+                f.truncate(0)
+                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                         "fortran_order": False, "shape": shape})
+            else:
+                version = np.lib.format.read_magic(f)
+                (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                 else np.lib.format.read_array_header_2_0)(f)
+            offset = f.tell()
+            size = offset + int(np.prod(shape)) * dtype.itemsize
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                raise DiskFullError(errno.ENOSPC, f"no space left on the device for {file} ({size / 2**20:,.1f} "
+                                                  f"MiB; {free_bytes(file) / 2**20:,.1f} MiB free there): free "
+                                                  f"some space and rerun the same command, which continues from "
+                                                  f"there") from e
+            f.flush()
+            return np.memmap(f, dtype=dtype, mode="r+", offset=offset, shape=shape)
+    except OSError:
+        if new:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(file)
+        raise
+
+
+class ShardWriter:
+    """
+    Shard k of a store being written: its rows as a writable memory map and its progress file
+    (rows done, skipped inputs, and once every row is done the statistics that mark it finished).
+    Rows are written at global indices lo .. lo + rows - 1.
+    """
+
+    def __init__(self, path, meta, k, progress):
+        self.lo, self.rows = k * meta["shard_size"], meta["shards"][k]["rows"]
+        self.json = os.path.join(path, shard_name(k) + ".json")
+        self.array = open_shard_array(os.path.join(path, shard_name(k) + ".npy"), shard_shape(meta, k),
+                                      meta["dtype"], new=progress is None)
+        self.progress = progress or {"rows": self.rows, "done": 0, "skipped": []}
+        if progress is None:
+            write_json_atomic(self.json, self.progress)
+
+    @property
+    def done(self):
+        """Rows of this shard written and committed (from the start of the shard)."""
+        return self.progress["done"]
+
+    @property
+    def finished(self):
+        return "stats" in self.progress
+
+    def write(self, index, rows):
+        """:param index: int [B] global rows of this shard. :param rows: [B x V x K x C x H x W]."""
+        self.array[index - self.lo] = rows
+
+    def skip(self, index, path, error):
+        """Record global row `index` as skipped: input `path` (printable) could not be used (`error`)."""
+        self.progress["skipped"].append({"row": index - self.lo, "index": index, "path": path, "error": error})
+
+    def commit(self, end):
+        """Rows up to global index `end` (exclusive) are written: flush them to disk, then say so in the
+        progress file (a rerun after a kill continues from there); the last commit finishes the shard."""
+        self.array.flush()  # the data is on disk before the progress marker says so
+        self.progress["done"] = end - self.lo
+        write_json_atomic(self.json, self.progress)
+        if self.done == self.rows:
+            self.finish()
+
+    def finish(self):
+        """Add the shard's statistics to its progress file: the shard is finished."""
+        valid = np.ones(self.rows, dtype=bool)
+        valid[[s["row"] for s in self.progress["skipped"]]] = False
+        self.progress["stats"] = shard_statistics(self.array, valid)
+        write_json_atomic(self.json, self.progress)
+
+
+def open_shards(path, meta, shards):
+    """
+    The shards among `shards` (indices) that still need work, as {k: ShardWriter}. A shard whose
+    array is missing or damaged, or whose progress file is missing, starts again from its first row.
+    """
+    writers = {}
+    for k in shards:
+        js = os.path.join(path, shard_name(k) + ".json")
+        intact = os.path.isfile(js) and shard_problem(path, meta, k) is None
+        progress = read_json(js) if intact else None
+        if progress is None or "stats" not in progress:
+            writers[k] = ShardWriter(path, meta, k, progress)
+    return writers
+
+
+def finish_store(path, meta, files, root):
+    """
+    Combine the finished shards' skip lists and statistics into meta.json, marking the store complete
+    (one process: rank 0, after every process has finished its shards).
+
+    :param files: every input file, in row order; root: the folder they are listed under.
+    :return: (the complete meta, the skipped entries: dicts with index, path and error).
+    :raises StoreError: a shard is missing, damaged or unfinished (the store is not called complete).
+    """
+    damaged = damaged_shards(path, meta)
+    if damaged:
+        k = min(damaged)
+        raise StoreError(f"{os.path.join(path, shard_name(k) + '.npy')} {damaged[k]} after this run wrote it "
+                         f"(removed or changed meanwhile?): the store is not complete; rerun the same command")
+    parts = []
+    for k in range(len(meta["shards"])):
+        js = os.path.join(path, shard_name(k) + ".json")
+        part = read_json(js) if os.path.isfile(js) else {}
+        if "stats" not in part:
+            raise StoreError(f"{js} is missing or unfinished after this run: the store is not complete; "
+                             f"rerun the same command")
+        parts.append(part)
+    skipped = sorted((s for p in parts for s in p["skipped"]), key=lambda s: s["index"])
+    mean, std = channel_moments([p["stats"] for p in parts], meta["scaling_factor"])
+    meta = dict(meta, complete=True, count=len(files) - len(skipped), channel_mean=mean, channel_std=std,
+                skipped=[shown(os.path.relpath(files[s["index"]], root)) for s in skipped],
+                skipped_indices=[s["index"] for s in skipped],
+                bytes_per_image=int(np.prod(meta["latent_shape"])) * meta["views"]
+                * (2 if meta["posterior"] else 1) * np.dtype(meta["dtype"]).itemsize)
+    write_json_atomic(os.path.join(path, META_FILE), meta)
+    return meta, skipped
+
+
+# Statistics and reading -----------------------------------------------------------------------------
 
 def shard_statistics(arr, valid, chunk=1024):
     """
@@ -204,13 +505,13 @@ class LatentDataset(torch.utils.data.Dataset):
         if self.meta.get("format") != FORMAT_VERSION:
             raise StoreError(f"{path}: store format {self.meta.get('format')}, this code reads "
                              f"{FORMAT_VERSION}")
+        check_meta(path, self.meta)
         # A damaged shard is found now, not by a read error (or a SIGBUS) hours into training.
-        for k, shard in enumerate(self.meta["shards"]):
-            problem = shard_problem(path, self.meta, k)
-            if problem:
-                raise StoreError(f"{os.path.join(path, shard['file'])} {problem}: the store is damaged; "
-                                 f"rerun the extract_features.py command that made it to re-encode "
-                                 f"that shard")
+        damaged = damaged_shards(path, self.meta)
+        if damaged:
+            k = min(damaged)
+            raise StoreError(f"{os.path.join(path, shard_name(k) + '.npy')} {damaged[k]}: the store is damaged; "
+                             f"rerun the extract_features.py command that made it to re-encode that shard")
         if flip and self.meta["flip"] == FLIP_NONE:
             warnings.warn(f"{path} holds no mirror images (converted fast-DiT features): flip=True "
                           f"has no effect, the stored orientation is used", stacklevel=2)
@@ -249,8 +550,8 @@ class LatentDataset(torch.utils.data.Dataset):
         return state
 
     def _open(self):
-        self._shards = [np.load(os.path.join(self.path, s["file"]), mmap_mode="r")
-                        for s in self.meta["shards"]]
+        self._shards = [np.load(os.path.join(self.path, shard_name(k) + ".npy"), mmap_mode="r")
+                        for k in range(len(self.meta["shards"]))]
 
     def __getitem__(self, i):
         x, y = self.read_batch([i])

@@ -38,25 +38,21 @@ SF = 0.18215
 
 
 def write_store(path, mean, std, labels, shard_size):
-    """A finished store in extract_features.py's layout holding the given posteriors
-    ([N x 2 x C x H x W] mean and std of image and mirror image, unscaled)."""
+    """A finished store holding the given posteriors ([N x 2 x C x H x W] mean and std of image and
+    mirror image, unscaled), written through latents' writer as extract_features.py writes one."""
+    n, num_classes = len(labels), int(labels.max()) + 1
+    settings = {"format": latents.FORMAT_VERSION, "source": "images", "vae": "ema", "scaling_factor": SF,
+                "image_size": 8 * mean.shape[-1], "latent_shape": list(mean.shape[2:]), "dtype": "float16",
+                "views": 2, "posterior": True, "flip": latents.FLIP_ENCODED, "shard_size": shard_size,
+                "rows": n, "files_sha1": "none: synthetic latents"}
+    meta = latents.new_meta(settings, [str(c) for c in range(num_classes)], data_path="")
     os.makedirs(path)
-    n = len(labels)
-    shards, stats = [], []
-    for k, lo in enumerate(range(0, n, shard_size)):
-        rows = np.stack([mean[lo:lo + shard_size], std[lo:lo + shard_size]], 2).astype(np.float16)
-        np.save(os.path.join(path, latents.shard_name(k) + ".npy"), rows)  # (n, 2, 2, C, H, W)
-        shards.append({"file": latents.shard_name(k) + ".npy", "rows": len(rows)})
-        stats.append(latents.shard_statistics(rows, np.ones(len(rows), bool)))
-    np.save(os.path.join(path, latents.LABELS_FILE), labels.astype(np.int64))
-    ch_mean, ch_std = latents.channel_moments(stats, SF)
-    meta = {"format": latents.FORMAT_VERSION, "complete": True, "source": "images", "vae": "ema",
-            "scaling_factor": SF, "image_size": 8 * mean.shape[-1], "latent_shape": list(mean.shape[2:]),
-            "dtype": "float16", "views": 2, "posterior": True, "flip": latents.FLIP_ENCODED,
-            "shard_size": shard_size, "rows": n, "count": n, "num_classes": int(labels.max()) + 1,
-            "class_names": [str(c) for c in range(int(labels.max()) + 1)], "channel_mean": ch_mean,
-            "channel_std": ch_std, "skipped": [], "skipped_indices": [], "shards": shards}
-    latents.write_json_atomic(os.path.join(path, latents.META_FILE), meta)
+    latents.start_store(path, meta, labels)
+    for shard in latents.open_shards(path, meta, range(len(meta["shards"]))).values():
+        rows = np.arange(shard.lo, shard.lo + shard.rows)
+        shard.write(rows, np.stack([mean[rows], std[rows]], 2))  # (n, 2, 2, C, H, W)
+        shard.commit(shard.lo + shard.rows)
+    latents.finish_store(path, meta, files=[str(i) for i in range(n)], root=".")
 
 
 def write_fast_dit(path, x, labels):

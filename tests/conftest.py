@@ -167,9 +167,16 @@ def extract_args(**overrides):
 
 @pytest.fixture(scope="session")
 def latent_store(tmp_path_factory, tiny_vae_path, image_folder):
-    """A finished store of image_folder through the tiny VAE at 16x16 (latents 4x8x8), 3 shards."""
+    """A finished store of image_folder through the tiny VAE at 16x16 (latents 4x8x8), 3 shards. Encoded
+    with one thread, so it is byte for byte what `OMP_NUM_THREADS=1 extract_features.py` writes under
+    any number of processes (the reference of test_extract's multi-process and kill tests)."""
     import extract_features
 
     path = str(tmp_path_factory.mktemp("stores") / "tiny16")
-    extract_features.main(extract_args(data_path=image_folder[0], features_path=path, vae=tiny_vae_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extract_features.main(extract_args(data_path=image_folder[0], features_path=path, vae=tiny_vae_path))
+    finally:
+        torch.set_num_threads(threads)
     return path

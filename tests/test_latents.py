@@ -131,7 +131,8 @@ def test_unfinished_or_foreign_folders_are_refused(tmp_path, latent_store):
         latents.LatentDataset(str(part))
 
 
-@pytest.mark.parametrize("damage", ["truncated shard", "missing shard", "other shape", "labels", "meta"])
+@pytest.mark.parametrize("damage", ["truncated shard", "missing shard", "other shape", "labels", "meta",
+                                    "meta without a key", "meta not an object", "shard named outside"])
 def test_damaged_store_is_refused_at_open_naming_the_file(tmp_path, latent_store, damage):
     """Found when the dataset is made (train.py: before a run folder exists), not by a read error or a
     SIGBUS in a DataLoader worker later."""
@@ -151,9 +152,22 @@ def test_damaged_store_is_refused_at_open_naming_the_file(tmp_path, latent_store
     elif damage == "labels":
         os.truncate(store / "labels.npy", 100)
         want = r"labels.npy is damaged"
-    else:
+    elif damage == "meta":
         (store / "meta.json").write_text('{"complete": tr')
         want = r"meta.json is damaged \(not JSON"
+    elif damage == "meta not an object":
+        (store / "meta.json").write_text('["complete"]')
+        want = r"meta.json is damaged \(a JSON list, not an object\)"
+    else:  # a crafted meta.json: the reader must not trust it for names or fields
+        meta = json.loads((store / "meta.json").read_text())
+        if damage == "meta without a key":
+            del meta["views"]
+            want = r"meta.json is damaged: no views"
+        else:
+            shutil.move(shard, tmp_path / "secret.npy")
+            meta["shards"][2]["file"] = "../secret.npy"
+            want = r"meta.json is damaged: its shard list is not the layout of 12 rows in shards of 4"
+        (store / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(latents.StoreError, match=want):
         latents.LatentDataset(str(store))
 
