@@ -68,8 +68,8 @@ def latest_run(results_dir, model_name):
 
     if not os.path.isdir(results_dir):
         return None
-    runs = [r for r in os.listdir(results_dir) if re.match(rf"^\d{{3,}}-{re.escape(run_tag(model_name))}$", r)]
-    for run in sorted(runs, key=lambda r: int(r.split("-", 1)[0]), reverse=True):
+    names = [r for r in os.listdir(results_dir) if re.match(rf"^\d{{3,}}-{re.escape(run_tag(model_name))}$", r)]
+    for run in sorted(names, key=lambda r: int(r.split("-", 1)[0]), reverse=True):
         if checkpoint_files(os.path.join(results_dir, run, "checkpoints")):
             return os.path.join(results_dir, run)
     return None
@@ -160,9 +160,7 @@ def open_run(resume, results_dir, model_name, vet, is_main=True, share=lambda ob
     run, lock, error = None, None, None
     if is_main:
         try:
-            run, lock = decide(resume, results_dir, model_name)
-            if run.ckpt is not None:
-                run.notes += vet(run.ckpt, run.ckpt_path)
+            run, lock = decide(resume, results_dir, model_name, vet)
             run.log = RunLog(run.dir, lock, resumed_step=run.ckpt["step"] if run.ckpt else None)
         except UserError as e:
             if lock is not None:
@@ -181,14 +179,16 @@ def open_run(resume, results_dir, model_name, vet, is_main=True, share=lambda ob
     return Run(run_dir, RunLog(run_dir), ckpt_path, ckpt_path and read_checkpoint(ckpt_path), parent)
 
 
-def decide(resume, results_dir, model_name):
-    """open_run's choice, on the main process. :return: (Run without its log, the RunLock taken)."""
+def decide(resume, results_dir, model_name, vet):
+    """open_run's choice, on the main process; a checkpoint is vetted before any folder is made.
+    :return: (Run without its log, the RunLock taken)."""
     notes, results_dir_or_default = [], results_dir or "results"
     if resume == "auto" and (found := latest_run(results_dir_or_default, model_name)):
         lock = RunLock(found)  # before reading: a run still writing this folder stops us here
         try:
             path, ckpt = newest_good_checkpoint(found, notes)
-        except RunError:
+            notes += vet(ckpt, path)
+        except UserError:
             lock.close()
             raise
         return Run(found, None, path, ckpt, notes=notes + continuing(found, path)), lock
@@ -196,6 +196,7 @@ def decide(resume, results_dir, model_name):
         if not os.path.isfile(resume):
             raise RunError(f"--resume {resume}: no such checkpoint file")
         ckpt = read_resumable(resume)
+        notes += vet(ckpt, resume)
         run_dir, parent = place_run(resume, results_dir, model_name, notes)
         lock = RunLock(run_dir)
         return Run(run_dir, None, resume, ckpt, parent, notes + ([] if parent else continuing(run_dir, resume))), lock

@@ -79,8 +79,8 @@ def test_resume_auto_takes_the_newest_good_checkpoint_of_the_newest_run(tmp_path
     with run.log:
         assert (run.dir, run.ckpt_path, run.ckpt["step"], run.parent) == (new, good, 2, None)
         assert "the file is empty" in run.notes[0] and "ema): w is not finite" in run.notes[1]
-        assert run.notes[2].startswith(f"continuing {new}") and "0000008.pt.tmp999999999" in run.notes[2]
-        assert run.notes[3] == "vetted" and not os.path.exists(leftover)
+        assert run.notes[2] == "vetted" and not os.path.exists(leftover)
+        assert run.notes[3].startswith(f"continuing {new}") and "0000008.pt.tmp999999999" in run.notes[3]
     for name in ("0000002.pt", "0000004.pt"):
         os.remove(os.path.join(new, "checkpoints", name))
     with pytest.raises(runs.RunError, match="no good checkpoint in .*001-DiT-Digits-2"):
@@ -129,14 +129,18 @@ def test_one_run_per_folder(tmp_path):
     runs.RunLock(first.dir).close()
 
 
-def test_a_failed_vet_releases_the_folder(tmp_path):
+def test_a_refused_checkpoint_makes_no_folder_and_releases_its_own(tmp_path):
     path = checkpoint(str(tmp_path / "000-DiT-Digits-2"), 2)
 
     def refuse(ckpt, path):
         raise runs.RunError("refused")
 
+    for resume in (path, "auto"):
+        with pytest.raises(runs.RunError, match="refused"):
+            runs.open_run(resume, str(tmp_path), MODEL, vet=refuse)
     with pytest.raises(runs.RunError, match="refused"):
-        runs.open_run(path, None, MODEL, vet=refuse)
+        runs.open_run(path, str(tmp_path / "elsewhere"), MODEL, vet=refuse)
+    assert not os.path.exists(tmp_path / "elsewhere")  # refused before a branch's folder is made
     runs.RunLock(os.path.dirname(os.path.dirname(path))).close()
 
 
