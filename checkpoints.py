@@ -1,8 +1,8 @@
 """
 The checkpoint format, written and read here: train.py's checkpoints (atomic save with pruning,
 RNG states, the compatibility check for resuming), the files the sampling scripts accept (the
-released DiT-XL/2 weights, downloaded and verified; plain state_dicts; DiT's train.py checkpoints;
-ours), and the strict build of a model from them.
+released DiT-XL/2 weights, fetched through downloads.py and verified; plain state_dicts; DiT's
+train.py checkpoints; ours, each field checked as it is read), and the strict build of a model from them.
 
     from checkpoints import load_checkpoint, resolve_spec, build_model
     ckpt = load_checkpoint("DiT-XL-2-256x256.pt")   # downloads into pretrained_models/ if missing
@@ -24,17 +24,16 @@ import argparse
 import dataclasses
 import glob
 import hashlib
-import http.client
+import math
 import os
 import random
 import re
-import urllib.request
 import zipfile
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from downloads import PRETRAINED_DIR, DownloadError, fetch, first_line
 from files import UserError, atomic_write
 from models import DIT_CONFIGS, DiT_models
 from vae import VAE_PRESETS
@@ -43,7 +42,6 @@ from vae import VAE_PRESETS
 RELEASED_CHECKPOINTS = {"DiT-XL-2-256x256.pt": 256, "DiT-XL-2-512x512.pt": 512}
 DOWNLOAD_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 DOWNLOAD_URL_ENV = "DIT_DOWNLOAD_URL"  # overrides DOWNLOAD_URL (a mirror, or the tests' local server)
-PRETRAINED_DIR = "pretrained_models"
 CKPT_RE = re.compile(r"^(\d{7,})\.pt$")  # train.py's checkpoint names: the step, 7 digits or more
 
 # Store metadata that must match for a checkpoint to continue training on a store.
@@ -55,51 +53,9 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be found or read, or does not fit the requested model."""
 
 
-class DownloadError(UserError, RuntimeError):
-    """A file could not be downloaded completely, or what came back is not what was asked for."""
-
-
 #################################################################################
-#                                   Download                                    #
+#                          The released checkpoints                             #
 #################################################################################
-
-
-def download(url, dest, verify=None, timeout=60):
-    """
-    Download url to dest, atomically: the bytes go to a temporary file beside dest that becomes dest
-    only once it is complete (its size equals the server's Content-Length) and `verify` accepts it,
-    so neither an interrupted transfer nor a wrong file (an HTML error page, an empty body) is ever
-    left where a later run would trust it.
-
-    :param verify: callable(path) that raises DownloadError when the file is not what it claims to be.
-    :return: dest.
-    :raises DownloadError: on a network error, a short transfer or a rejected file (saying what came back).
-    """
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    try:
-        with atomic_write(dest) as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            expected = response.headers.get("Content-Length")
-            if expected is None:
-                raise DownloadError(f"{url} sent no Content-Length: a complete download cannot be told apart")
-            expected, received = int(expected), 0
-            with tqdm(total=expected, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(dest)}") as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            if received != expected:
-                raise DownloadError(f"{url}: the transfer stopped after {received:,} of {expected:,} bytes")
-            if verify is not None:
-                f.flush()
-                try:
-                    verify(f.name)
-                except DownloadError as e:
-                    kind = response.headers.get("Content-Type", "unknown type")
-                    raise DownloadError(f"{url} did not send {os.path.basename(dest)}: got {received:,} bytes "
-                                        f"of {kind}, which {e}; nothing was kept") from e
-    except (OSError, http.client.HTTPException, ValueError) as e:  # URLError is an OSError
-        raise DownloadError(f"cannot download {url}: {e!r}") from e
-    return dest
 
 
 def released_shapes(name):
@@ -109,9 +65,10 @@ def released_shapes(name):
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_released(name, state_dict):
+def why_not_released(name, state_dict):
     """:return: None if state_dict has exactly the released checkpoint's keys and shapes, else why not."""
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+    if not isinstance(state_dict, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in state_dict.items()):
         return f"is a {type(state_dict).__name__}, not a state_dict"
     found = {k: tuple(v.shape) for k, v in state_dict.items()}
     expected = released_shapes(name)
@@ -123,11 +80,12 @@ def check_released(name, state_dict):
 
 def fetch_released(name, dest_dir=PRETRAINED_DIR, base_url=None):
     """
-    Download a released checkpoint into dest_dir, keeping it only if it loads safely as a state_dict
-    with exactly the released model's keys and shapes.
+    A released checkpoint in dest_dir, downloaded the first time; the file (downloaded or found) is
+    used only if it loads safely as a state_dict with exactly the released model's keys and shapes.
 
     :param base_url: where the files are; default $DIT_DOWNLOAD_URL or DOWNLOAD_URL.
     :return: the path of the file.
+    :raises DownloadError.
     """
     base_url = base_url or os.environ.get(DOWNLOAD_URL_ENV) or DOWNLOAD_URL
 
@@ -137,12 +95,12 @@ def fetch_released(name, dest_dir=PRETRAINED_DIR, base_url=None):
         try:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # any unreadable file: HTML, empty, truncated, foreign pickles
-            raise DownloadError(f"is not a torch checkpoint ({_first_line(e)})") from e
-        why = check_released(name, data)
+            raise DownloadError(f"is not a torch checkpoint ({first_line(e)})") from e
+        why = why_not_released(name, data)
         if why:
             raise DownloadError(why)
 
-    return download(base_url.rstrip("/") + "/" + name, os.path.join(dest_dir, name), verify)
+    return fetch(base_url, name, dest_dir, verify)
 
 
 #################################################################################
@@ -161,12 +119,6 @@ class Checkpoint:
     config: dict
 
 
-def _first_line(e):
-    """The first line of an exception's message, or its type when it has none (torch's EOFError)."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def read_checkpoint(path):
     """torch.load on the CPU with weights_only (safe unpickling), or a CheckpointError saying why not."""
     if os.path.isfile(path) and os.path.getsize(path) == 0:
@@ -175,10 +127,101 @@ def read_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or foreign files
-        why = _first_line(e)
+        why = first_line(e)
         if "Weights only load failed" in why:  # torch's advice (weights_only=False) is not ours to give
             why = "it is corrupt, or pickles objects other than tensors and plain containers"
         raise CheckpointError(f"cannot read {path} as a checkpoint: {why}") from e
+
+
+def _is_int(v, low, high):
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _is_real(v):
+    return isinstance(v, float) and math.isfinite(v) or _is_int(v, -math.inf, math.inf)
+
+
+def _shown(value):
+    """repr(value), cut short: a crafted file's values can be any size."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# What a checkpoint may say about its model (Checkpoint.config's keys), each with what a value must be.
+# The bounds only keep crafted values from reaching the model's constructor; real ones are far below.
+CONFIG_CHECKS = {
+    "model": ("a name in models.DiT_models", lambda v: isinstance(v, str) and v in DiT_models),
+    "input_size": ("an integer in 1..65536", lambda v: _is_int(v, 1, 2**16)),
+    "in_channels": ("an integer in 1..65536", lambda v: _is_int(v, 1, 2**16)),
+    "image_size": ("an integer in 1..65536", lambda v: _is_int(v, 1, 2**16)),
+    "num_classes": ("an integer in 0..2**24", lambda v: _is_int(v, 0, 2**24)),
+    "learn_sigma": ("True or False", lambda v: isinstance(v, bool)),
+    "class_dropout_prob": ("a number in [0, 1)", lambda v: _is_real(v) and 0 <= v < 1),
+    "vae": ("a non-empty string", lambda v: isinstance(v, str) and v != ""),
+    "scaling_factor": ("a positive finite number", lambda v: _is_real(v) and v > 0),
+}
+# What train.py writes in model_config (the model's constructor arguments) and reads back from latents.
+MODEL_CONFIG_KEYS = ("model", "input_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob")
+LATENTS_KEYS = ("image_size", "vae", "scaling_factor")
+
+
+def _read_config(path, field, values, keys, required=()):
+    """
+    The entries `keys` of the dict `values`, the file's `field`, each checked against CONFIG_CHECKS.
+
+    :raises CheckpointError: values is not a dict, lacks one of `required` or holds a bad value (the
+                             message names the file and the field).
+    """
+    if values is None:
+        raise CheckpointError(f"{path} has no {field}")
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: {field} is a {type(values).__name__}, not a dict")
+    missing = [k for k in required if k not in values]
+    if missing:
+        raise CheckpointError(f"{path}: {field} has no {', '.join(missing)}")
+    config = {k: values[k] for k in keys if k in values}
+    for key, value in config.items():
+        what, ok = CONFIG_CHECKS[key]
+        if not ok(value):
+            raise CheckpointError(f"{path}: {field}.{key} is {_shown(value)}, not {what}")
+    return config
+
+
+def _check_weights(path, field, state_dict):
+    """:raises CheckpointError: the file's `field` (None: the whole file) is not a non-empty dict of
+    named dense floating-point tensors."""
+    where = f"{path}: {field}" if field else path
+    if not isinstance(state_dict, dict) or not state_dict:
+        what = "an empty dict" if isinstance(state_dict, dict) else f"a {type(state_dict).__name__}"
+        raise CheckpointError(f"{where} is {what}, not weights")
+    for key, value in state_dict.items():
+        name = f"{where}[{_shown(key)}]"
+        if not isinstance(key, str):
+            raise CheckpointError(f"{name}: weights are named by strings, not by {type(key).__name__}")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{name} is a {type(value).__name__}, not a tensor")
+        if not value.is_floating_point() or value.layout != torch.strided:
+            raise CheckpointError(f"{name} is a {value.layout} {value.dtype} tensor, not dense floating-point weights")
+
+
+def _our_config(path, data):
+    """What one of our train.py checkpoints says about its model, each field checked.
+    :raises CheckpointError."""
+    config = _read_config(path, "model_config", data["model_config"], MODEL_CONFIG_KEYS,
+                          required=("model", "input_size", "in_channels", "num_classes"))
+    unknown = sorted(map(repr, data["model_config"].keys() - set(MODEL_CONFIG_KEYS)))
+    if unknown:
+        raise CheckpointError(f"{path}: model_config has unknown keys {', '.join(unknown)[:200]} "
+                              f"(known: {', '.join(MODEL_CONFIG_KEYS)})")
+    config.update(_read_config(path, "latents", data.get("latents"), LATENTS_KEYS, required=LATENTS_KEYS))
+    _check_weights(path, "model", data.get("model"))
+    train_config = data.get("train_config")
+    if train_config is None:
+        raise CheckpointError(f"{path} has no train_config")
+    if not isinstance(train_config, dict) or not train_config:
+        what = "empty" if isinstance(train_config, dict) else f"a {type(train_config).__name__}"
+        raise CheckpointError(f"{path}: train_config is {what}, not train.py's flags")
+    return config
 
 
 def load_checkpoint(spec, dest_dir=PRETRAINED_DIR, base_url=None):
@@ -186,39 +229,38 @@ def load_checkpoint(spec, dest_dir=PRETRAINED_DIR, base_url=None):
     :param spec: a released name (downloaded into dest_dir if not there), or a path to a plain
                  state_dict, a DiT train.py checkpoint or one of our train.py checkpoints.
     :return: a Checkpoint.
-    :raises CheckpointError, DownloadError.
+    :raises CheckpointError: the file cannot be read, or a field the sampling scripts use is missing or
+                             not what it should be (the message names the file and the field).
+    :raises DownloadError.
     """
     name = os.path.basename(spec)
     released = name in RELEASED_CHECKPOINTS
-    path = spec
-    if released and not os.path.isfile(spec):
-        path = os.path.join(dest_dir, name)
-        if not os.path.isfile(path):
-            path = fetch_released(name, dest_dir, base_url)
+    path = fetch_released(name, dest_dir, base_url) if released and not os.path.isfile(spec) else spec
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {spec!r} (released names: {', '.join(RELEASED_CHECKPOINTS)})")
     data = read_checkpoint(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a {type(data).__name__}, not a state_dict or checkpoint dict")
-    if released:
-        why = check_released(name, data)
+    if released:  # fetched files were verified already; this is for a file passed by path
+        why = why_not_released(name, data)
         if why:
-            raise CheckpointError(f"{path} {why}: it is not the released {name}. Delete it to fetch it again: "
-                                  f"rm {path}")
-        return Checkpoint(path, data, dict(model="DiT-XL/2", image_size=RELEASED_CHECKPOINTS[name],
-                                           num_classes=1000, learn_sigma=True))
-    if all(isinstance(v, torch.Tensor) for v in data.values()):
-        return Checkpoint(path, data, {})
-    if "ema" not in data:
-        raise CheckpointError(f"{path} is neither a state_dict nor a training checkpoint (keys: {sorted(data)[:8]})")
-    if "model_config" in data:  # ours: describes itself
-        config = dict(data["model_config"])
-        meta = data.get("latents") or {}
-        config.update({k: meta[k] for k in ("image_size", "vae", "scaling_factor") if k in meta})
-        return Checkpoint(path, data["ema"], config)
-    args = vars(data["args"]) if isinstance(data.get("args"), argparse.Namespace) else {}
-    config = {k: args[k] for k in ("model", "image_size", "num_classes", "vae") if k in args}
-    return Checkpoint(path, data["ema"], config)
+            raise CheckpointError(f"{path} {why}: it is not the released {name}")
+        weights, field = data, None
+        config = dict(model="DiT-XL/2", image_size=RELEASED_CHECKPOINTS[name], num_classes=1000, learn_sigma=True)
+    elif data and all(isinstance(v, torch.Tensor) for v in data.values()):
+        weights, field, config = data, None, {}
+    elif "ema" not in data:
+        raise CheckpointError(f"{path} is neither a state_dict nor a training checkpoint "
+                              f"(keys: {sorted(map(str, data))[:8]})")
+    elif "model_config" in data:  # ours: describes itself
+        weights, field, config = data["ema"], "ema", _our_config(path, data)
+    else:  # DiT's train.py: its flags as an argparse.Namespace
+        args = vars(data["args"]) if isinstance(data.get("args"), argparse.Namespace) else {}
+        weights, field = data["ema"], "ema"
+        config = _read_config(path, "args", args, ("model", "image_size", "num_classes", "vae"))
+    _check_weights(path, field, weights)
+    require_finite(weights, path)
+    return Checkpoint(path, weights, config)
 
 
 def weights_digest(state_dict):
@@ -294,13 +336,14 @@ def _describe(state_dict):
         _, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
         depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
         grid = round(state_dict["pos_embed"].shape[1] ** 0.5)
-    except (KeyError, ValueError, AttributeError):
+        table = state_dict.get("y_embedder.embedding_table.weight")
+        rows = None if table is None else table.shape[0]
+    except (KeyError, ValueError, IndexError):  # not DiT's names or shapes
         return None
     names = [n for n, (d, w, _, p) in DIT_CONFIGS.items() if (d, w, p) == (depth, hidden, patch)]
     text = f"{names[0] if names else f'a DiT of depth {depth}, width {hidden}, patch {patch}'} " \
            f"for {in_channels}-channel {grid * patch}x{grid * patch} inputs"
-    table = state_dict.get("y_embedder.embedding_table.weight")
-    return text + (f" with a {table.shape[0]}-row label table" if table is not None else ", unconditional")
+    return text + (f" with a {rows}-row label table" if rows is not None else ", unconditional")
 
 
 def build_model(spec, ckpt, in_channels, input_size, device):

@@ -19,21 +19,22 @@ from PIL import Image
 from torchvision.utils import save_image
 
 from files import run_script
-from sampling import CheckpointError, ImageNoise, add_sampling_args, check_sampling_args, load_model, sample_latents
+from sampling import ImageNoise, SamplingError, add_sampling_args, check_sampling_args, load_model, sample_latents
 from vae import decode
 
 
+@torch.no_grad()  # and the caller's grad mode is left as it was (tests call main in-process)
 def main(args):
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
-    torch.set_grad_enabled(False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     loaded = load_model(args, device, default_vae="mse")
     spec = loaded.spec
-    bad = [c for c in args.class_labels if not 0 <= c < spec.num_classes]
+    bad = [c for c in args.class_labels if c >= spec.num_classes]
     if bad:
-        raise CheckpointError(f"--class-labels {bad} are outside the model's {spec.num_classes} classes")
+        raise SamplingError(f"--class-labels {bad} are outside the model's {spec.num_classes} classes (0 to "
+                            f"{spec.num_classes - 1})")
 
     # Image i's noise comes from (seed, i) alone: the same as image i of sample_ddp.py with this seed.
     n = len(args.class_labels)
@@ -59,6 +60,8 @@ def parse_args(argv=None):
     check_sampling_args(parser, args)
     if args.seed < 0:
         parser.error("--seed must be >= 0")
+    if min(args.class_labels) < 0:
+        parser.error(f"--class-labels must be >= 0, got {min(args.class_labels)}")
     if args.nrow < 1:
         parser.error("--nrow must be >= 1")
     # Checked now, not after the whole sampling run.

@@ -29,14 +29,16 @@ from tqdm.auto import tqdm
 
 from checkpoints import weights_digest
 from files import atomic_write, run_script, sweep_temp_files
-from sampling import (CheckpointError, ImageNoise, add_sampling_args, check_sampling_args, load_model, random_labels,
+from sampling import (ImageNoise, SamplingError, add_sampling_args, check_sampling_args, load_model, random_labels,
                       sample_latents, to_uint8)
 from vae import decode
 
 
-def run_name(args, spec):
-    """A folder name showing the settings that change the pixels (all of them are in settings.json)."""
-    ckpt = os.path.splitext(os.path.basename(args.ckpt))[0]
+def run_name(args, loaded):
+    """A folder name showing the settings that change the pixels (all of them are in settings.json).
+    :param loaded: the SamplingModel the flags gave."""
+    spec = loaded.spec
+    ckpt = os.path.splitext(os.path.basename(loaded.ckpt.path))[0]
     vae = os.path.basename(os.path.normpath(spec.vae))
     name = (f"{spec.model.replace('/', '-')}-{ckpt}-size-{spec.image_size}-vae-{vae}-cfg-{args.cfg_scale}"
             f"-{args.sampler}-{args.num_sampling_steps}-seed-{args.global_seed}")
@@ -68,19 +70,19 @@ def write_npz(path, png_paths, labels):
             np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
 
 
+@torch.no_grad()  # and the caller's grad mode is left as it was (tests call main in-process)
 def main(args):
     state = PartialState(cpu=not torch.cuda.is_available())
     device, rank, world = state.device, state.process_index, state.num_processes
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
-    torch.set_grad_enabled(False)
 
     loaded = load_model(args, device, default_vae="ema", first=state.main_process_first)
     spec = loaded.spec
 
     # The run folder is keyed on the settings and on the weights' content, not on the file's path: a
     # checkpoint replaced under the same name must not add its images to another's.
-    folder = os.path.join(args.sample_dir, run_name(args, spec))
+    folder = os.path.join(args.sample_dir, run_name(args, loaded))
     settings = dict(ckpt=os.path.abspath(loaded.ckpt.path), weights_sha256=weights_digest(loaded.ckpt.state_dict),
                     model=spec.model, image_size=spec.image_size, vae=spec.vae, num_classes=spec.num_classes,
                     scaling_factor=loaded.scaling_factor, sampler=args.sampler,
@@ -100,10 +102,10 @@ def main(args):
     if previous != json.loads(json.dumps(settings)):
         changed = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
         if "weights_sha256" in changed:
-            raise CheckpointError(f"{folder} holds samples of other weights (sha256 {previous.get('weights_sha256')}, "
+            raise SamplingError(f"{folder} holds samples of other weights (sha256 {previous.get('weights_sha256')}, "
                                   f"from {previous.get('ckpt')}) than {loaded.ckpt.path} (sha256 "
                                   f"{settings['weights_sha256']}); use another --sample-dir or remove {folder}")
-        raise CheckpointError(f"{folder} holds samples made with other settings ({', '.join(changed)}); "
+        raise SamplingError(f"{folder} holds samples made with other settings ({', '.join(changed)}); "
                               f"use another --sample-dir or remove it")
 
     def png(i):
@@ -116,23 +118,23 @@ def main(args):
     if state.is_main_process:
         print(f"{args.num_fid_samples - len(missing)} of {args.num_fid_samples} images already in {folder}; "
               f"sampling {len(missing)} on {world} process(es)")
-    bar = tqdm(total=len(missing), unit="img", disable=not state.is_main_process)
     start = time.time()
-    for k in range(iterations):  # the same count on every rank, for the collective below
-        batch = mine[k * args.per_proc_batch_size:(k + 1) * args.per_proc_batch_size]
-        if batch:
-            y = random_labels(args.global_seed, batch, spec.num_classes).to(device)
-            noise = ImageNoise(args.global_seed, batch, loaded.latent_shape, device)
-            samples = sample_latents(loaded.model, noise, y, args.sampler, args.num_sampling_steps, args.cfg_scale,
-                                     args.guidance, args.guidance_interval, spacing=args.solver_spacing)
-            for i, image in zip(batch, to_uint8(decode(loaded.vae, samples, loaded.scaling_factor))):
-                with atomic_write(png(i)) as f:  # a PNG under its final name is always complete
-                    Image.fromarray(image).save(f, format="PNG")
-        done = torch.tensor(len(batch), device=device)
-        if world > 1:
-            dist.all_reduce(done)
-        bar.update(int(done))
-    bar.close()
+    # Closed on an error too, so that the error starts a line of its own.
+    with tqdm(total=len(missing), unit="img", disable=not state.is_main_process) as bar:
+        for k in range(iterations):  # the same count on every rank, for the collective below
+            batch = mine[k * args.per_proc_batch_size:(k + 1) * args.per_proc_batch_size]
+            if batch:
+                y = random_labels(args.global_seed, batch, spec.num_classes).to(device)
+                noise = ImageNoise(args.global_seed, batch, loaded.latent_shape, device)
+                samples = sample_latents(loaded.model, noise, y, args.sampler, args.num_sampling_steps, args.cfg_scale,
+                                         args.guidance, args.guidance_interval, spacing=args.solver_spacing)
+                for i, image in zip(batch, to_uint8(decode(loaded.vae, samples, loaded.scaling_factor))):
+                    with atomic_write(png(i)) as f:  # a PNG under its final name is always complete
+                        Image.fromarray(image).save(f, format="PNG")
+            done = torch.tensor(len(batch), device=device)
+            if world > 1:
+                dist.all_reduce(done)
+            bar.update(int(done))
     state.wait_for_everyone()
 
     if state.is_main_process:

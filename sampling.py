@@ -18,19 +18,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from checkpoints import (RELEASED_CHECKPOINTS, Checkpoint, CheckpointError, DownloadError, ModelSpec, build_model,
-                         load_checkpoint, resolve_spec)
+from checkpoints import (RELEASED_CHECKPOINTS, Checkpoint, CheckpointError, ModelSpec, build_model, load_checkpoint,
+                         resolve_spec)
 from diffusion import create_diffusion
 from diffusion.dpm_solver import DPMSolver, Spacing, solver_timesteps
 from diffusion.respace import space_timesteps
+from files import UserError
 from models import DiT_models, Guidance
-from vae import VAEError, downsampling_factor, load_vae, scaling_factor
+from vae import downsampling_factor, load_vae, scaling_factor
 
 
 class Sampler(enum.Enum):
     DDPM = "ddpm"  # ancestral sampling with the learned variances (DiT's)
     DDIM = "ddim"  # deterministic DDIM, eta = 0
     DPM_SOLVER = "dpm-solver"  # deterministic multistep DPM-Solver++ (2M), diffusion/dpm_solver.py
+
+
+class SamplingError(UserError, ValueError):
+    """A sampling setting does not fit the model (a class label out of its range, guidance for a model
+    without a null class), or the sample folder holds another run's images."""
 
 
 # Steps when --num-sampling-steps is not given: DiT's 250 for DDPM; where DDIM and the solver get
@@ -77,7 +83,7 @@ def load_model(args, device, default_vae, first=contextlib.nullcontext):
     """
     The model the sampling flags ask for: --ckpt (default: the released DiT-XL/2 checkpoint for
     --image-size), reconciled with --model, --image-size, --vae and --num-classes, the autoencoder,
-    and the strictly loaded EMA weights.
+    and the strictly loaded EMA weights. `args` is left as it is: the file used is the result's ckpt.path.
 
     :param default_vae: the autoencoder when neither the flag nor the checkpoint names one.
     :param first: a context manager under which the downloads happen (one process first, the rest
@@ -85,15 +91,16 @@ def load_model(args, device, default_vae, first=contextlib.nullcontext):
     :return: a SamplingModel.
     :raises CheckpointError, DownloadError, VAEError.
     """
-    if args.ckpt is None:
+    source = args.ckpt
+    if source is None:
         if args.model not in (None, "DiT-XL/2"):
             raise CheckpointError(f"only DiT-XL/2 has released checkpoints: --model {args.model} needs --ckpt")
         size = args.image_size or 256
-        args.ckpt = f"DiT-XL-2-{size}x{size}.pt"
-        if args.ckpt not in RELEASED_CHECKPOINTS:
+        source = f"DiT-XL-2-{size}x{size}.pt"
+        if source not in RELEASED_CHECKPOINTS:
             raise CheckpointError(f"DiT-XL/2 was released for 256 and 512 pixels, not {size}: pass --ckpt")
     with first():
-        ckpt = load_checkpoint(args.ckpt)
+        ckpt = load_checkpoint(source)
         spec = resolve_spec(ckpt, args.model, args.image_size, args.vae, args.num_classes, default_vae=default_vae)
         vae = load_vae(spec.vae, device)
     channels, size = latent_geometry(spec, vae)
@@ -216,8 +223,8 @@ def sample_latents(model, noise, y, sampler, steps, cfg_scale=1.0, guidance=Guid
     z = noise()
     if cfg_scale != 1.0:
         if model.y_embedder.dropout_prob == 0:
-            raise CheckpointError("this model was trained without label dropout, so it has no null class for "
-                                  "classifier-free guidance: use --cfg-scale 1")
+            raise SamplingError("this model was trained without label dropout, so it has no null class for "
+                                "classifier-free guidance: use --cfg-scale 1")
         # One batched pass over the labels and the null label (DiT's forward_with_cfg layout).
         z = torch.cat([z, z], dim=0)
         y = torch.cat([y, torch.full_like(y, model.num_classes)], dim=0)

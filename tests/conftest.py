@@ -1,9 +1,12 @@
 """Shared fixtures: a tiny autoencoder saved like a hub model, and a tiny ImageFolder with the awkward
 inputs ImageNet has (grayscale, CMYK, RGBA, palette, odd sizes) plus files that cannot be read."""
 import http.server
+import io
+import json
 import os
 import sys
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +53,8 @@ def one_thread():
 
 
 class FileServer(http.server.BaseHTTPRequestHandler):
-    """GET /<path> answers routes[path] = (body, content type, announced Content-Length or None for the
-    body's own); `requests` lists the paths asked for."""
+    """GET /<path> answers routes[path] = (body, content type, announced Content-Length: None for the
+    body's own, False for none); `requests` lists the paths asked for."""
 
     routes, requests = {}, []
 
@@ -61,7 +64,8 @@ class FileServer(http.server.BaseHTTPRequestHandler):
         body, kind, length = self.routes[path]
         self.send_response(200)
         self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body) if length is None else length))
+        if length is not False:
+            self.send_header("Content-Length", str(len(body) if length is None else length))
         self.end_headers()
         self.wfile.write(body)
         self.close_connection = True
@@ -76,7 +80,7 @@ def file_server():
     (base URL, FileServer) with empty routes to fill."""
     FileServer.routes, FileServer.requests = {}, []
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FileServer)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True).start()  # shutdown waits one poll
     yield f"http://127.0.0.1:{httpd.server_address[1]}", FileServer
     httpd.shutdown()
 
@@ -106,22 +110,42 @@ def randomize(model, seed=0):
     return model.eval()
 
 
+SMALL_MODEL = "DiT-Digits/4"  # 4 tokens on SMALL_SIZE x SMALL_SIZE inputs: a 17 MB file, fast enough for the scripts
+SMALL_SIZE = 8
+
+
 def small_state_dict(in_channels=3, num_classes=10, seed=0):
-    """A named model (DiT-S/8) on 16x16 inputs: 4 tokens, fast enough for the scripts' tests."""
-    return randomize(DiT_models["DiT-S/8"](input_size=16, in_channels=in_channels, num_classes=num_classes),
+    """A named model (SMALL_MODEL) on SMALL_SIZE x SMALL_SIZE inputs, randomized so that it samples something."""
+    return randomize(DiT_models[SMALL_MODEL](input_size=SMALL_SIZE, in_channels=in_channels, num_classes=num_classes),
                      seed).state_dict()
 
 
-def train_checkpoint(path, ema, vae="none", image_size=16, in_channels=3, input_size=16, scaling_factor=1.0):
-    """A checkpoint in train.py's format (as checkpoints.py writes it), with `model` != `ema`."""
+def train_checkpoint(path, ema, vae="none", image_size=SMALL_SIZE, in_channels=3, scaling_factor=1.0):
+    """A checkpoint in train.py's format (as checkpoints.py writes it) for small_state_dict's weights, with
+    `model` != `ema`."""
     torch.save(dict(
         model={k: v + 1 for k, v in ema.items()}, ema=ema, opt={}, step=100,
-        model_config=dict(model="DiT-S/8", input_size=input_size, in_channels=in_channels, num_classes=10,
+        model_config=dict(model=SMALL_MODEL, input_size=SMALL_SIZE, in_channels=in_channels, num_classes=10,
                           learn_sigma=True, class_dropout_prob=0.1),
         latents=dict(vae=vae, scaling_factor=scaling_factor, image_size=image_size,
-                     latent_shape=[in_channels, input_size, input_size], num_classes=10),
+                     latent_shape=[in_channels, SMALL_SIZE, SMALL_SIZE], num_classes=10),
         train_config=dict(global_batch_size=4)), path)
     return str(path)
+
+
+def released_like(size):
+    """The bytes of a file with the exact keys and shapes of the released DiT-XL/2 checkpoint (from the
+    golden key manifest); each tensor is one value broadcast, so the 2.7 GB model is a few KB on disk."""
+    shapes = json.loads((GOLDEN_DIR / f"DiT-XL-2-{size}x{size}.keys.json").read_text())
+    return torch_bytes({k: torch.full((), zlib.crc32(k.encode()) % 97 / 97.0).expand(shape)
+                        for k, shape in shapes.items()})
+
+
+def torch_bytes(obj):
+    """What torch.save writes for obj."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def _image(rng, mode, size):

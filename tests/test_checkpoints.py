@@ -1,29 +1,18 @@
-"""checkpoints.py: reading every accepted format, the verified download, strict model building, and
-train.py's atomic save with pruning."""
+"""checkpoints.py: reading every accepted format, refusing crafted files field by field, strict model
+building, and train.py's atomic save with pruning (the released checkpoints' download: test_downloads)."""
 import argparse
-import io
 import json
 import os
-import zlib
+import re
 
 import pytest
 import torch
 
 import checkpoints
-from checkpoints import CheckpointError, DownloadError
-from conftest import GOLDEN_DIR, small_state_dict, train_checkpoint
+from checkpoints import CheckpointError
+from conftest import GOLDEN_DIR, SMALL_MODEL, released_like, small_state_dict, torch_bytes, train_checkpoint
 
 RELEASED = "DiT-XL-2-256x256.pt"
-
-
-def released_like(size):
-    """A file with the exact keys and shapes of the released DiT-XL/2 checkpoint (from the golden key
-    manifest); each tensor is one value broadcast, so the 2.7 GB model is a few KB on disk."""
-    shapes = json.loads((GOLDEN_DIR / f"DiT-XL-2-{size}x{size}.keys.json").read_text())
-    state = {k: torch.full((), zlib.crc32(k.encode()) % 97 / 97.0).expand(shape) for k, shape in shapes.items()}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
 
 
 def test_released_keys_are_the_manifests():
@@ -32,28 +21,11 @@ def test_released_keys_are_the_manifests():
         assert checkpoints.released_shapes(f"DiT-XL-2-{size}x{size}.pt") == {k: tuple(v) for k, v in manifest.items()}
 
 
-def serve(server, data):
-    """Routes for the released name: `good` the file, `cut` half of it under the full Content-Length,
-    `html` an error page as a 200, `empty` a 200 with no body."""
-    server.routes.update({f"good/{RELEASED}": (data, "application/octet-stream", None),
-                          f"cut/{RELEASED}": (data[: len(data) // 2], "application/octet-stream", len(data)),
-                          f"html/{RELEASED}": (b"<html><body>rate limit exceeded</body></html>", "text/html", None),
-                          f"empty/{RELEASED}": (b"", "application/octet-stream", None)})
-
-
-def test_download_interrupted_then_complete_and_strict_released_load(file_server, tmp_path, monkeypatch):
-    base, server = file_server
-    serve(server, released_like(256))
-    dest = tmp_path / "pretrained_models"
-    with pytest.raises(DownloadError, match="256x256.*stopped after"):
-        checkpoints.load_checkpoint(RELEASED, dest_dir=str(dest), base_url=base + "/cut")
-    assert os.listdir(dest) == []  # nothing half-written is left, under any name
-    monkeypatch.setenv(checkpoints.DOWNLOAD_URL_ENV, base + "/good")  # the override the docs mention
+def test_a_cached_released_name_loads_strictly_as_dit_xl_2(tmp_path):
+    dest = tmp_path / "pretrained_models"  # what downloads.fetch left there (its tests are in test_downloads)
+    dest.mkdir()
+    (dest / RELEASED).write_bytes(released_like(256))
     ckpt = checkpoints.load_checkpoint(RELEASED, dest_dir=str(dest))
-    assert os.listdir(dest) == [RELEASED] and (dest / RELEASED).read_bytes() == released_like(256)
-    monkeypatch.setenv(checkpoints.DOWNLOAD_URL_ENV, base + "/cut")  # present now: no second download
-    assert checkpoints.load_checkpoint(RELEASED, dest_dir=str(dest)).config["model"] == "DiT-XL/2"
-
     spec = checkpoints.resolve_spec(ckpt)
     assert (spec.model, spec.image_size, spec.num_classes) == ("DiT-XL/2", 256, 1000)
     model = checkpoints.build_model(spec, ckpt, 4, 32, "cpu")
@@ -61,36 +33,10 @@ def test_download_interrupted_then_complete_and_strict_released_load(file_server
     assert torch.equal(model.state_dict()["final_layer.linear.bias"], ckpt.state_dict["final_layer.linear.bias"])
     with pytest.raises(CheckpointError, match="--image-size 512 contradicts .*image size 256"):
         checkpoints.resolve_spec(ckpt, image_size=512)
-
-
-@pytest.mark.parametrize("mode, what", [("html", r"got 45 bytes of text/html.*not a torch checkpoint"),
-                                        ("empty", r"got 0 bytes of application/octet-stream"),
-                                        ("wrong", r"got .* bytes of application/octet-stream.*does not have the "
-                                                  r"released DiT-XL/2 keys and shapes")])
-def test_a_wrong_download_is_not_kept(file_server, tmp_path, mode, what):
-    base, server = file_server
-    serve(server, torch_bytes(small_state_dict()))  # "wrong": a real checkpoint, but of another model
-    dest = tmp_path / "pretrained_models"
-    with pytest.raises(DownloadError, match=what + ".*nothing was kept"):
-        checkpoints.load_checkpoint(RELEASED, dest_dir=str(dest), base_url=base + ("/good" if mode == "wrong"
-                                                                                        else f"/{mode}"))
-    assert os.listdir(dest) == []
-    serve(server, released_like(256))  # the mirror is fixed: the next run fetches the real file
-    assert checkpoints.load_checkpoint(RELEASED, dest_dir=str(dest), base_url=base + "/good").config["image_size"] == 256
-
-
-def test_a_wrong_cached_released_file_says_how_to_refetch(tmp_path):
-    dest = tmp_path / "pretrained_models"
-    dest.mkdir()
-    (dest / RELEASED).write_bytes(torch_bytes(small_state_dict()))
-    with pytest.raises(CheckpointError, match=rf"not the released {RELEASED}. Delete it to fetch it again: rm .*{RELEASED}"):
-        checkpoints.load_checkpoint(RELEASED, dest_dir=str(dest))
-
-
-def torch_bytes(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+    other = tmp_path / RELEASED  # a file passed by path under a released name is checked as well
+    other.write_bytes(torch_bytes(small_state_dict()))
+    with pytest.raises(CheckpointError, match=f"{other} does not have the released DiT-XL/2 keys and shapes"):
+        checkpoints.load_checkpoint(str(other))
 
 
 def test_released_512_checkpoint_against_256_model_is_a_clear_error(tmp_path):
@@ -107,12 +53,12 @@ def test_train_checkpoint_uses_ema_and_its_config(tmp_path):
     ema = small_state_dict()
     ckpt = checkpoints.load_checkpoint(train_checkpoint(tmp_path / "0000100.pt", ema))
     spec = checkpoints.resolve_spec(ckpt)
-    assert (spec.model, spec.image_size, spec.vae, spec.num_classes, spec.input_size) == ("DiT-S/8", 16, "none", 10, 16)
-    model = checkpoints.build_model(spec, ckpt, 3, 16, "cpu")
+    assert (spec.model, spec.image_size, spec.vae, spec.num_classes, spec.input_size) == (SMALL_MODEL, 8, "none", 10, 8)
+    model = checkpoints.build_model(spec, ckpt, 3, 8, "cpu")
     assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
-    assert checkpoints.resolve_spec(ckpt, model="DiT-S/8", image_size=16, vae="none").model == "DiT-S/8"
-    for flags, message in [(dict(model="DiT-B/8"), "--model DiT-B/8 contradicts .* model DiT-S/8"),
-                           (dict(image_size=32), "--image-size 32 contradicts .* image size 16"),
+    assert checkpoints.resolve_spec(ckpt, model=SMALL_MODEL, image_size=8, vae="none").model == SMALL_MODEL
+    for flags, message in [(dict(model="DiT-B/8"), f"--model DiT-B/8 contradicts .* model {SMALL_MODEL}"),
+                           (dict(image_size=32), "--image-size 32 contradicts .* image size 8"),
                            (dict(vae="ema"), "--vae ema contradicts .* vae none"),
                            (dict(num_classes=1000), "--num-classes 1000 contradicts .* num classes 10")]:
         with pytest.raises(CheckpointError, match=message):
@@ -129,10 +75,10 @@ def test_vae_presets_decode_each_other():
 def test_dit_train_format_with_namespace(tmp_path):
     ema = small_state_dict()
     path = tmp_path / "0050000.pt"
-    torch.save(dict(model=ema, ema=ema, opt={}, args=argparse.Namespace(model="DiT-S/8", image_size=16,
+    torch.save(dict(model=ema, ema=ema, opt={}, args=argparse.Namespace(model=SMALL_MODEL, image_size=8,
                                                                         num_classes=10, vae="ema")), path)
     ckpt = checkpoints.load_checkpoint(str(path))
-    assert ckpt.config == dict(model="DiT-S/8", image_size=16, num_classes=10, vae="ema")
+    assert ckpt.config == dict(model=SMALL_MODEL, image_size=8, num_classes=10, vae="ema")
     assert ckpt.state_dict is not None and all(torch.equal(ckpt.state_dict[k], v) for k, v in ema.items())
     with pytest.raises(CheckpointError, match="--model DiT-XL/2 contradicts"):
         checkpoints.resolve_spec(ckpt, model="DiT-XL/2")
@@ -142,9 +88,10 @@ def test_wrong_model_and_bad_files_are_clear_errors(tmp_path):
     path = tmp_path / "plain.pt"
     torch.save(small_state_dict(), path)
     ckpt = checkpoints.load_checkpoint(str(path))
-    spec = checkpoints.resolve_spec(ckpt, model="DiT-B/8", image_size=16, vae="none", num_classes=10)
-    with pytest.raises(CheckpointError, match=r"does not fit DiT-B/8 .*holds DiT-S/8 for 3-channel 16x16 inputs"):
-        checkpoints.build_model(spec, ckpt, 3, 16, "cpu")
+    spec = checkpoints.resolve_spec(ckpt, model="DiT-Digits/2", image_size=8, vae="none", num_classes=10)
+    with pytest.raises(CheckpointError, match=r"does not fit DiT-Digits/2 .*holds a DiT of depth 6, width 192, patch "
+                                              r"4 for 3-channel 8x8 inputs with a 11-row label table"):
+        checkpoints.build_model(spec, ckpt, 3, 8, "cpu")
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         checkpoints.load_checkpoint(str(tmp_path / "nope.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -159,6 +106,90 @@ def test_wrong_model_and_bad_files_are_clear_errors(tmp_path):
         checkpoints.load_checkpoint(str(tmp_path / "cut.pt"))
 
 
+W = {"w": torch.zeros(2)}  # field checks come before any shape check: tiny weights will do
+CONFIG = dict(model=SMALL_MODEL, input_size=8, in_channels=3, num_classes=10, learn_sigma=True, class_dropout_prob=0.1)
+LATENTS = dict(vae="none", scaling_factor=1.0, image_size=8)
+
+
+def crafted(path, **fields):
+    """A train.py checkpoint of W with `fields` replacing its entries."""
+    torch.save(dict(dict(model=W, ema=W, opt={}, step=100, model_config=CONFIG, latents=LATENTS,
+                         train_config=dict(global_batch_size=4)), **fields), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(ema={"w": "0.5"}), r"ema\['w'\] is a str, not a tensor"),
+    (dict(ema={"w": torch.tensor([0.0, float("nan")])}), r"w is not finite \(a diverged run\); refused"),
+    (dict(ema={}), r"ema is an empty dict, not weights"),
+    (dict(ema=[torch.zeros(2)]), r"ema is a list, not weights"),
+    (dict(ema={"w": torch.zeros(2, dtype=torch.int64)}), r"ema\['w'\] is a torch.strided torch.int64 tensor, not "
+                                                         r"dense floating-point weights"),
+    (dict(ema={"w": torch.zeros(2).to_sparse()}), r"ema\['w'\] is a torch.sparse_coo torch.float32 tensor"),
+    (dict(ema={3: torch.zeros(2)}), r"ema\[3\]: weights are named by strings, not by int"),
+    (dict(model={"w": None}), r"model\['w'\] is a NoneType, not a tensor"),
+    (dict(model=None), r"model is a NoneType, not weights"),
+    (dict(model_config="DiT-S/8"), r"model_config is a str, not a dict"),
+    (dict(model_config=dict(CONFIG, input_size="16")), r"model_config.input_size is '16', not an integer in 1..65536"),
+    (dict(model_config=dict(CONFIG, input_size=-8)), r"model_config.input_size is -8, not an integer in 1..65536"),
+    (dict(model_config=dict(CONFIG, input_size=True)), r"model_config.input_size is True, not an integer in 1..65536"),
+    (dict(model_config=dict(CONFIG, input_size=8.0)), r"model_config.input_size is 8.0, not an integer in 1..65536"),
+    (dict(model_config=dict(CONFIG, in_channels=0)), r"model_config.in_channels is 0, not an integer in 1..65536"),
+    (dict(model_config=dict(CONFIG, num_classes=-1)), r"model_config.num_classes is -1, not an integer in "
+                                                                 r"0..2\*\*24"),
+    (dict(model_config=dict(CONFIG, model="DiT-Q/3")), r"model_config.model is 'DiT-Q/3', not a name in "
+                                                       r"models.DiT_models"),
+    (dict(model_config=dict(CONFIG, model=["DiT-S/8"])), r"model_config.model is \['DiT-S/8'\], not a name"),
+    (dict(model_config=dict(CONFIG, learn_sigma="yes")), r"model_config.learn_sigma is 'yes', not True or False"),
+    (dict(model_config=dict(CONFIG, class_dropout_prob=float("nan"))),
+     r"model_config.class_dropout_prob is nan, not a number in \[0, 1\)"),
+    (dict(model_config=dict(CONFIG, class_dropout_prob=1.5)), r"model_config.class_dropout_prob is 1.5, not a "
+                                                                  r"number in"),
+    (dict(model_config=dict(CONFIG, depth=3, hidden_size=8)), r"model_config has unknown keys 'depth', "
+                                                              r"'hidden_size' \(known: model, input_size"),
+    (dict(model_config={k: v for k, v in CONFIG.items() if k != "in_channels"}), r"model_config has no in_channels"),
+    (dict(model_config=dict(CONFIG, input_size="x" * 1000)), r"model_config.input_size is 'x{56}\.\.\., not"),
+    (dict(model_config=dict(CONFIG, input_size=10 ** 500)), r"model_config.input_size is 10{56}\.\.\., not"),
+    (dict(model_config=dict(CONFIG, input_size=2 ** 40)), r"model_config.input_size is 1099511627776, not an "
+                                                          r"integer in 1..65536"),
+    (dict(model_config=dict(CONFIG, class_dropout_prob=10 ** 400)), r"model_config.class_dropout_prob is 1000"),
+    (dict(latents=None), r"has no latents"),
+    (dict(latents=[1, 2]), r"latents is a list, not a dict"),
+    (dict(latents=dict(LATENTS, vae=5)), r"latents.vae is 5, not a non-empty string"),
+    (dict(latents={k: v for k, v in LATENTS.items() if k != "scaling_factor"}), r"latents has no scaling_factor"),
+    (dict(latents=dict(LATENTS, scaling_factor=float("inf"))), r"latents.scaling_factor is inf, not a positive "
+                                                               r"finite number"),
+    (dict(latents=dict(LATENTS, scaling_factor=0)), r"latents.scaling_factor is 0, not a positive finite number"),
+    (dict(latents=dict(LATENTS, image_size="256")), r"latents.image_size is '256', not an integer in 1..65536"),
+    (dict(train_config={}), r"train_config is empty, not train.py's flags"),
+    (dict(train_config="--lr 1e-4"), r"train_config is a str, not train.py's flags"),
+    (dict(train_config=None), r"has no train_config"),
+])
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+def test_crafted_train_checkpoints_are_one_line_errors_naming_the_field(tmp_path, fields, message):
+    path = crafted(tmp_path / "0000100.pt", **fields)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(path)}:? {message}") as e:
+        checkpoints.load_checkpoint(path)
+    assert "\n" not in str(e.value)
+
+
+def test_crafted_plain_and_dit_files_are_one_line_errors_naming_the_field(tmp_path):
+    assert checkpoints.load_checkpoint(crafted(tmp_path / "good.pt")).config == dict(CONFIG, **LATENTS)
+    path = tmp_path / "plain.pt"
+    torch.save({"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.complex64)}, path)
+    with pytest.raises(CheckpointError, match=rf"^{path}\['b'\] is a torch.strided torch.complex64 tensor"):
+        checkpoints.load_checkpoint(str(path))
+    for args, message in [(dict(image_size="256"), r"args.image_size is '256', not an integer in 1..65536"),
+                          (dict(model=None), r"args.model is None, not a name in models.DiT_models"),
+                          (dict(vae=""), r"args.vae is '', not a non-empty string")]:
+        torch.save(dict(ema=W, args=argparse.Namespace(**args)), path)
+        with pytest.raises(CheckpointError, match=f"^{path}: {message}"):
+            checkpoints.load_checkpoint(str(path))
+    torch.save(dict(ema={"w": 1.0}, args=argparse.Namespace()), path)
+    with pytest.raises(CheckpointError, match=rf"^{path}: ema\['w'\] is a float, not a tensor"):
+        checkpoints.load_checkpoint(str(path))
+
+
 def test_weights_digest_is_the_content():
     a = small_state_dict()
     b = {k: v.clone() for k, v in a.items()}
@@ -169,7 +200,7 @@ def test_weights_digest_is_the_content():
 
 def test_save_prunes_and_never_leaves_temporary_files(tmp_path, monkeypatch):
     for step in range(1, 8):
-        checkpoints.save_checkpoint(dict(step=step), str(tmp_path), keep_last=2, keep_every=3)
+        checkpoints.save_checkpoint(dict(step=step, model=W, ema=W), str(tmp_path), keep_last=2, keep_every=3)
     assert sorted(checkpoints.checkpoint_files(str(tmp_path))) == [3, 6, 7]
     assert sorted(os.listdir(tmp_path)) == ["0000003.pt", "0000006.pt", "0000007.pt"]
 
@@ -178,5 +209,5 @@ def test_save_prunes_and_never_leaves_temporary_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError, match="no space left on the device while writing .*0000008.pt"):
-        checkpoints.save_checkpoint(dict(step=8), str(tmp_path), keep_last=2, keep_every=3)
+        checkpoints.save_checkpoint(dict(step=8, model=W, ema=W), str(tmp_path), keep_last=2, keep_every=3)
     assert sorted(os.listdir(tmp_path)) == ["0000003.pt", "0000006.pt", "0000007.pt"]  # nothing lost or left

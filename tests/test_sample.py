@@ -1,4 +1,5 @@
 """sampling.py, sample.py, sample_ddp.py and diffusion/dpm_solver.py on tiny models (CPU, no network)."""
+import errno
 import json
 import os
 import re
@@ -14,12 +15,15 @@ from PIL import Image
 
 import checkpoints
 import sample
+import sample_ddp
 import sampling
-from conftest import randomize, small_state_dict, toy, train_checkpoint
+from checkpoints import CheckpointError
+from conftest import SMALL_MODEL, SMALL_SIZE, randomize, released_like, small_state_dict, toy, train_checkpoint
 from diffusion import create_diffusion
 from diffusion.dpm_solver import DPMSolver, Spacing, solver_timesteps
+from files import run_script
 from models import DiT, Guidance
-from sampling import ImageNoise, Sampler
+from sampling import ImageNoise, Sampler, SamplingError
 from vae import decode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,6 +106,14 @@ def test_guidance_at_scale_one_equals_no_guidance(guidance):
     # An interval that holds none of the sampled timesteps turns guidance off.
     outside = _sample(model, Sampler.DPM_SOLVER, 6, cfg_scale=4.0, guidance=guidance, interval=(1000.0, 2000.0))
     torch.testing.assert_close(outside, _sample(model, Sampler.DPM_SOLVER, 6), rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_needs_a_null_class():
+    model = randomize(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                          num_classes=10, class_dropout_prob=0.0))
+    with pytest.raises(SamplingError, match="trained without label dropout.*use --cfg-scale 1"):
+        _sample(model, Sampler.DDIM, 2, cfg_scale=4.0)
+    assert _sample(model, Sampler.DDIM, 2).shape == (3, 4, 8, 8)
 
 
 def test_first_order_solver_is_ddim():
@@ -190,8 +202,13 @@ def run(args, nproc=1, expect_ok=True, timeout=240):
     return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
 
 
-DDP = ["sample_ddp.py", "--vae", "none", "--image-size", "16", "--model", "DiT-S/8", "--num-classes", "10",
-       "--num-fid-samples", "7", "--sampler", "dpm-solver", "--num-sampling-steps", "100", "--cfg-scale", "2.0"]
+DDP = ["--vae", "none", "--image-size", "8", "--model", SMALL_MODEL, "--num-classes", "10", "--num-fid-samples", "7",
+       "--sampler", "dpm-solver", "--num-sampling-steps", "100", "--cfg-scale", "2.0"]
+
+
+def sample_ddp_main(argv):
+    """sample_ddp.py in this process: one process, the path a one-process launch takes."""
+    sample_ddp.main(sample_ddp.parse_args(argv)[1])
 
 
 def npz_of(sample_dir):
@@ -210,17 +227,17 @@ def pngs(folder):
     return [f for f in os.listdir(folder) if f.endswith(".png")] if os.path.isdir(folder) else []
 
 
-def test_sample_ddp_one_vs_two_processes_and_resume(plain_ckpt, tmp_path):
+def test_sample_ddp_one_vs_two_processes_and_resume(plain_ckpt, tmp_path, capsys):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    run(DDP + ["--ckpt", plain_ckpt, "--sample-dir", one, "--per-proc-batch-size", "3"])
+    sample_ddp_main(DDP + ["--ckpt", plain_ckpt, "--sample-dir", one, "--per-proc-batch-size", "3"])
     arr, labels = npz_of(one)
-    assert arr.shape == (7, 16, 16, 3) and arr.dtype == np.uint8 and arr.std() > 10
+    assert arr.shape == (7, 8, 8, 3) and arr.dtype == np.uint8 and arr.std() > 10
     assert np.array_equal(labels, sampling.random_labels(0, range(7), 10).numpy())
 
-    # Two processes, killed (SIGKILL, with the launcher) once the first images are written...
-    args = DDP + ["--ckpt", plain_ckpt, "--sample-dir", two, "--per-proc-batch-size", "1"]
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-                         + args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A run killed (SIGKILL) once its first images are written...
+    args = ["sample_ddp.py"] + DDP + ["--ckpt", plain_ckpt, "--sample-dir", two, "--per-proc-batch-size", "1"]
+    p = subprocess.Popen([sys.executable] + args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
     folder2 = os.path.join(two, os.path.basename(run_folder(one)))
     deadline = time.time() + 120
     while not pngs(folder2) and p.poll() is None and time.time() < deadline:
@@ -229,7 +246,8 @@ def test_sample_ddp_one_vs_two_processes_and_resume(plain_ckpt, tmp_path):
     p.wait()
     done = len(pngs(folder2))
     assert 0 < done < 7, f"{done} images when killed: the kill did not land mid-run"
-    # ... then rerun with another batch size: it keeps what was finished and gives the same .npz.
+    # ... then finished by two processes with another batch size: they keep what was finished, and the
+    # .npz is the one process's, image for image.
     p = run(args[:-1] + ["2"], nproc=2)
     assert f"{done} of 7 images already" in p.stdout and "images/s" in p.stdout
     arr2, labels2 = npz_of(two)
@@ -243,8 +261,9 @@ def test_sample_ddp_one_vs_two_processes_and_resume(plain_ckpt, tmp_path):
     with open(os.path.join(folder, "000005.png.tmp"), "wb") as f:
         f.write(b"\x89PNG half")
     kept = {i: os.stat(os.path.join(folder, f"{i:06d}.png")).st_mtime_ns for i in (0, 1, 3, 4, 6)}
-    p = run(DDP + ["--ckpt", plain_ckpt, "--sample-dir", one, "--per-proc-batch-size", "3"])
-    assert "5 of 7 images already" in p.stdout
+    capsys.readouterr()
+    sample_ddp_main(DDP + ["--ckpt", plain_ckpt, "--sample-dir", one, "--per-proc-batch-size", "3"])
+    assert "5 of 7 images already" in capsys.readouterr().out
     assert all(os.stat(os.path.join(folder, f"{i:06d}.png")).st_mtime_ns == m for i, m in kept.items())
     assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
     arr3, labels3 = npz_of(one)
@@ -253,21 +272,22 @@ def test_sample_ddp_one_vs_two_processes_and_resume(plain_ckpt, tmp_path):
 
 def test_sample_py_with_train_checkpoint_and_autoencoder(tiny_vae_path, tmp_path):
     with open(os.path.join(tiny_vae_path, "config.json")) as f:
-        size = 16 * 2 ** (len(json.load(f)["block_out_channels"]) - 1)  # image side for 16x16 latents
+        size = SMALL_SIZE * 2 ** (len(json.load(f)["block_out_channels"]) - 1)  # image side for the latents
     ckpt = train_checkpoint(tmp_path / "0000100.pt", small_state_dict(in_channels=4), vae=tiny_vae_path,
-                            image_size=size, in_channels=4, input_size=16, scaling_factor=0.5)
+                            image_size=size, in_channels=4, scaling_factor=0.5)
     out = str(tmp_path / "grid.png")
-    run(["sample.py", "--ckpt", ckpt, "--class-labels", "1", "2", "3", "4", "5", "--sampler", "ddim",
-         "--num-sampling-steps", "5", "--output", out])
+    labels = ["--class-labels", "1", "2", "3", "4", "5"]
+    sample.main(sample.parse_args(["--ckpt", ckpt, *labels, "--sampler", "ddim", "--num-sampling-steps", "5",
+                                   "--output", out])[1])
     assert Image.open(out).size == (4 * size + 5 * 2, 2 * size + 3 * 2)  # save_image's grid, padding 2
-    run(["sample.py", "--ckpt", ckpt, "--class-labels", "1", "2", "3", "4", "5", "--sampler", "ddim",
-         "--num-sampling-steps", "2", "--nrow", "5", "--output", out])
+    sample.main(sample.parse_args(["--ckpt", ckpt, *labels, "--sampler", "ddim", "--num-sampling-steps", "2",
+                                   "--nrow", "5", "--output", out])[1])
     assert Image.open(out).size == (5 * size + 6 * 2, size + 2 * 2)
-    p = run(["sample.py", "--ckpt", ckpt, "--model", "DiT-B/8", "--output", out], expect_ok=False)
-    assert p.returncode == 2 and "--model DiT-B/8 contradicts" in p.stderr and "Traceback" not in p.stderr
+    with pytest.raises(CheckpointError, match="--model DiT-B/8 contradicts"):
+        sample.main(sample.parse_args(["--ckpt", ckpt, "--model", "DiT-B/8", "--output", out])[1])
 
 
-def test_sample_py_on_a_real_train_py_checkpoint(latent_store, tmp_path):
+def test_sample_py_on_a_real_train_py_checkpoint(latent_store, tmp_path, capsys):
     """train.py's own checkpoint (2 steps on the tiny-autoencoder store) samples with no repeated flags."""
     import train
 
@@ -277,9 +297,10 @@ def test_sample_py_on_a_real_train_py_checkpoint(latent_store, tmp_path):
     exp = train.main(targs)
     ckpt = os.path.join(exp, "checkpoints", "0000002.pt")
     out = str(tmp_path / "digits.png")
-    p = run(["sample.py", "--ckpt", ckpt, "--class-labels", "0", "1", "2", "--sampler", "dpm-solver",
-             "--num-sampling-steps", "3", "--nrow", "3", "--output", out])
-    assert "DiT-Digits/2" in p.stdout
+    capsys.readouterr()
+    sample.main(sample.parse_args(["--ckpt", ckpt, "--class-labels", "0", "1", "2", "--sampler", "dpm-solver",
+                                   "--num-sampling-steps", "3", "--nrow", "3", "--output", out])[1])
+    assert "DiT-Digits/2" in capsys.readouterr().out
     # The grid holds exactly what the checkpoint's EMA weights sample for image i's stream.
     _, args = sample.parse_args(["--ckpt", ckpt])
     loaded = sampling.load_model(args, "cpu", default_vae="mse")
@@ -293,19 +314,43 @@ def test_sample_py_on_a_real_train_py_checkpoint(latent_store, tmp_path):
         assert np.abs(tile - expected[i]).max() <= 1  # save_image rounds from [0, 1], to_uint8 from [-1, 1]
 
 
-def test_user_errors_come_before_any_work(plain_ckpt, tmp_path):
-    """Bad output paths and step counts are one-line errors at once, not after a sampling run."""
-    common = ["--ckpt", plain_ckpt, "--vae", "none", "--image-size", "16", "--model", "DiT-S/8",
+def test_user_errors_come_before_any_work(plain_ckpt, tmp_path, capsys):
+    """Bad output paths, step counts and labels are one-line errors at once, not after a sampling run."""
+    common = ["--ckpt", plain_ckpt, "--vae", "none", "--image-size", "8", "--model", SMALL_MODEL,
               "--num-classes", "10"]
     (tmp_path / "a_file").write_text("")
     for script, args, message in [
-            ("sample.py", ["--output", str(tmp_path / "missing" / "x.png")], "the folder .*missing does not exist"),
-            ("sample.py", ["--output", str(tmp_path / "x.pngg")], "unknown image extension '.pngg'"),
-            ("sample.py", ["--num-sampling-steps", "0"], "--num-sampling-steps must be in 1..1000, got 0"),
-            ("sample_ddp.py", ["--sample-dir", str(tmp_path / "a_file")], "--sample-dir .*a_file is a file")]:
-        p = run([script] + common + args, expect_ok=False, timeout=60)
-        assert p.returncode == 2 and re.search(message, p.stderr) and "Traceback" not in p.stderr, p.stderr
+            (sample, ["--output", str(tmp_path / "missing" / "x.png")], "the folder .*missing does not exist"),
+            (sample, ["--output", str(tmp_path / "x.pngg")], "unknown image extension '.pngg'"),
+            (sample, ["--num-sampling-steps", "0"], "--num-sampling-steps must be in 1..1000, got 0"),
+            (sample, ["--class-labels", "3", "-1"], "--class-labels must be >= 0, got -1"),
+            (sample_ddp, ["--sample-dir", str(tmp_path / "a_file")], "--sample-dir .*a_file is a file")]:
+        with pytest.raises(SystemExit) as e:
+            script.parse_args(common + args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and re.search(f"error: .*{message}", err), err
+    # Labels the model does not have: known once the checkpoint is read, before any sampling.
+    output = str(tmp_path / "x.png")
+    with pytest.raises(SamplingError, match=r"--class-labels \[10, 12\] are outside the model's 10 classes"):
+        sample.main(sample.parse_args(common + ["--class-labels", "1", "10", "12", "--output", output])[1])
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
+    # The same through the script: a one-line error, no traceback.
+    p = run(["sample.py", *common, "--class-labels", "10", "--output", output], expect_ok=False, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.endswith("sample.py: error: --class-labels [10] are outside the model's 10 classes (0 to 9)\n")
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_load_model_leaves_the_flags_as_they_are(tmp_path, monkeypatch):
+    """No --ckpt means the released checkpoint; the file used is in the result, `args` stays as parsed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pretrained_models").mkdir()
+    (tmp_path / "pretrained_models" / "DiT-XL-2-256x256.pt").write_bytes(released_like(256))
+    _, args = sample_ddp.parse_args(["--vae", "none"])
+    with pytest.raises(CheckpointError, match=r"^pretrained_models/DiT-XL-2-256x256.pt does not fit DiT-XL/2 for "
+                                              r"3-channel 256x256 inputs"):
+        sampling.load_model(args, "cpu", default_vae="ema")
+    assert args.ckpt is None
 
 
 def test_sample_ddp_refuses_to_mix_weights_under_one_path(tmp_path):
@@ -313,23 +358,38 @@ def test_sample_ddp_refuses_to_mix_weights_under_one_path(tmp_path):
     path, out = tmp_path / "model.pt", str(tmp_path / "samples")
     torch.save(small_state_dict(seed=0), path)
     first = checkpoints.weights_digest(small_state_dict(seed=0))
-    run(DDP + ["--ckpt", str(path), "--sample-dir", out, "--num-sampling-steps", "2"])
+    sample_ddp_main(DDP + ["--ckpt", str(path), "--sample-dir", out, "--num-sampling-steps", "2"])
     torch.save(small_state_dict(seed=1), path)
-    p = run(DDP + ["--num-fid-samples", "9", "--num-sampling-steps", "2", "--ckpt", str(path), "--sample-dir", out],
-            expect_ok=False)
+    p = run(["sample_ddp.py", *DDP, "--num-fid-samples", "9", "--num-sampling-steps", "2", "--ckpt", str(path),
+             "--sample-dir", out], expect_ok=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert f"holds samples of other weights (sha256 {first}" in p.stderr
     assert checkpoints.weights_digest(small_state_dict(seed=1)) in p.stderr
     assert len(pngs(run_folder(out))) == 7
 
 
-def test_solver_spacing_reaches_the_sampler_and_names_the_run(plain_ckpt):
-    import sample_ddp
+def test_sample_ddp_full_disk_is_one_line(plain_ckpt, tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing an image: the script's one-line error (exit 1), and no partial file left."""
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    _, args = sample_ddp.parse_args(DDP[1:] + ["--ckpt", plain_ckpt, "--solver-spacing", "time"])
+    monkeypatch.setattr(Image.Image, "save", no_space)
+    monkeypatch.setattr(sys, "argv", ["sample_ddp.py", *DDP, "--ckpt", plain_ckpt, "--sample-dir", str(tmp_path),
+                                      "--num-sampling-steps", "2"])
+    with pytest.raises(SystemExit) as e:
+        run_script(sample_ddp.parse_args, sample_ddp.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err, err
+    assert re.fullmatch(r"sample_ddp.py: error: no space left on the device while writing \S+/000000.png \(\d+ MiB "
+                        r"free there\); nothing was written, free some space and rerun", err.splitlines()[-1]), err
+    assert os.listdir(run_folder(str(tmp_path))) == ["settings.json"]
+
+
+def test_solver_spacing_reaches_the_sampler_and_names_the_run(plain_ckpt):
+    _, args = sample_ddp.parse_args(DDP + ["--ckpt", plain_ckpt, "--solver-spacing", "time"])
     loaded = sampling.load_model(args, "cpu", default_vae="ema")
-    assert sample_ddp.run_name(args, loaded.spec).endswith("-spacing-time")
-    noise = lambda: torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    assert sample_ddp.run_name(args, loaded).endswith("-spacing-time")
+    noise = lambda: torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # noqa: E731
     y = torch.tensor([1, 2])
     time_grid = sampling.sample_latents(loaded.model, noise, y, Sampler.DPM_SOLVER, 4, spacing=args.solver_spacing)
     logsnr_grid = sampling.sample_latents(loaded.model, noise, y, Sampler.DPM_SOLVER, 4)
