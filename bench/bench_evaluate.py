@@ -88,7 +88,7 @@ def bench_extraction(args, device, folder):
     weights = os.path.join(folder, "weights.pth")
     state = random_weights(weights)
 
-    ours, theirs = evaluate.load_inception(weights, device), pytorch_fid_network(state, device)
+    ours, theirs = evaluate.load_inception(weights, device)[0], pytorch_fid_network(state, device)
     batch = evaluate.inspect_batch(npz)
     on_device = torch.from_numpy(images).to(device)
 
@@ -121,7 +121,8 @@ def bench_extraction(args, device, folder):
 
 
 def bench_precision_recall(args, device):
-    """(seconds, MiB the process's peak grew by) of precision_recall at args.pr_sizes."""
+    """(seconds, MiB the process's peak grew by) of precision_recall at args.pr_sizes with ADM's float16
+    distances (the default), and seconds with float32 distances (--float32-distances), timed after."""
     g = torch.Generator().manual_seed(0)
     n_sample, n_ref = args.pr_sizes
     sample = torch.randn(n_sample, args.pr_dim, generator=g).to(device)
@@ -133,7 +134,8 @@ def bench_precision_recall(args, device):
         before = max_rss_mib()
     seconds = timed(lambda: evaluate.precision_recall(ref, sample))
     after = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else max_rss_mib()
-    return seconds, after - before
+    float32 = timed(lambda: evaluate.precision_recall(ref, sample, distances=evaluate.Distances.FLOAT32))
+    return seconds, after - before, float32
 
 
 def main(args):
@@ -148,10 +150,11 @@ def main(args):
     try:
         # Precision/recall first: the rise of the process's peak resident size is only seen above
         # what came before (the extraction holds images and two networks).
-        seconds, mib = bench_precision_recall(args, device)
+        seconds, mib, float32 = bench_precision_recall(args, device)
         n_sample, n_ref = args.pr_sizes
         pr = f"precision/recall {n_sample} x {n_ref} features of {args.pr_dim} dims"
-        rows += [(f"{pr}: seconds", round(seconds, 1), command), (f"{pr}: peak memory added, MiB", round(mib), command)]
+        rows += [(f"{pr}: seconds", round(seconds, 1), command), (f"{pr}: peak memory added, MiB", round(mib), command),
+                 (f"{pr}, float32 distances: seconds", round(float32, 1), command)]
         with tempfile.TemporaryDirectory() as folder:
             speeds = bench_extraction(args, device, folder)
         setting = (f"{args.num_images} images {args.image_size}x{args.image_size}, batch {args.batch_size}, "

@@ -1,10 +1,11 @@
 """evaluate.py: the network against pytorch-fid's with the same (random) weights, each metric against
-its closed form, the streaming reader, the CLI end to end and bad inputs (the weights download: test_downloads)."""
+its closed form, the streaming reader, the CLI end to end, bad inputs and the weights download."""
 import hashlib
 import json
 import os
 import subprocess
 import sys
+import zipfile
 from unittest import mock
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import evaluate
+from checkpoints import DownloadError
 from evaluate import EvaluationError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +65,7 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def net(weights):
-    return evaluate.load_inception(weights, "cpu")
+    return evaluate.load_inception(weights, "cpu")[0]
 
 
 @torch.no_grad()
@@ -216,9 +218,79 @@ def test_precision_recall_in_blocks_equal_the_whole_distance_matrix():
     precision = (d_cross <= r_ref[:, None]).any(0).double().mean().item()
     recall = (d_cross <= r_sample[None]).any(1).double().mean().item()
     assert 0.2 < precision < 1 and 0.2 < recall < 1  # a case where membership is decided row by row
-    torch.testing.assert_close(evaluate.knn_radii(ref, block=5), r_ref)
-    assert evaluate.precision_recall(ref, sample, block=5) == pytest.approx((precision, recall), abs=1e-12)
+    float32 = evaluate.Distances.FLOAT32  # plain arithmetic, in the features' dtype
+    torch.testing.assert_close(evaluate.knn_radii(ref, block=5, distances=float32), r_ref)
+    assert evaluate.precision_recall(ref, sample, block=5, distances=float32) == pytest.approx((precision, recall),
+                                                                                               abs=1e-12)
+    assert evaluate.precision_recall(ref, sample, block=7, distances=float32) == \
+        evaluate.precision_recall(ref, sample, distances=float32)
+    ref, sample = ref.float() * 30, sample.float() * 30  # ADM's float16 distances: the same in any blocks
+    torch.testing.assert_close(evaluate.knn_radii(ref, block=5), evaluate.knn_radii(ref), rtol=0, atol=0)
     assert evaluate.precision_recall(ref, sample, block=7) == evaluate.precision_recall(ref, sample)
+
+
+def adm_float16_distances(a, b):
+    """ADM's DistanceBlock in numpy float16 (each operation rounded to float16 from float32, as numpy and
+    Eigen do on the CPU), for features of under 8 dims, whose squared norms TensorFlow sums one value
+    after another; u.v summed exactly, then rounded."""
+    a16, b16 = a.astype(np.float16), b.astype(np.float16)
+
+    def norms(x):
+        total = np.zeros(len(x), np.float16)
+        for j in range(x.shape[1]):
+            total = total + x[:, j] * x[:, j]
+        return total
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        dot = (a16.astype(np.float64) @ b16.astype(np.float64).T).astype(np.float32).astype(np.float16)
+        d = (norms(a16)[:, None] - np.float16(2) * dot) + norms(b16)[None]
+    return np.maximum(d, np.float16(0)).astype(np.float32)
+
+
+def test_precision_recall_take_adms_float16_distances_by_default():
+    """The worked example 100 and 200 away from 0. At 100 the float16 squares (step 8 near 10^4) give
+    radii 8, 8, 0, 8 where float32 gives 9, 4, 4, 9. At 200, 2 u.v >= 80000 overflows float16 to inf, so
+    every ADM distance is max(-inf, 0) = 0 (finite, so no float32 fallback): precision = recall = 1, where
+    float32 distances give 1/4 and 1."""
+    steps = torch.tensor([[0.0], [1.0], [2.0], [3.0]]), torch.tensor([[5.0], [10.0], [20.0], [21.0]])
+    ref, sample = (x + 100 for x in steps)
+    d = adm_float16_distances(ref.numpy(), ref.numpy())
+    torch.testing.assert_close(evaluate.knn_radii(ref), torch.from_numpy(np.partition(d, 3, axis=1)[:, 3]))
+    torch.testing.assert_close(evaluate.knn_radii(ref), torch.tensor([8.0, 8.0, 0.0, 8.0]))
+    torch.testing.assert_close(evaluate.knn_radii(ref, distances=evaluate.Distances.FLOAT32),
+                               torch.tensor([9.0, 4.0, 4.0, 9.0]))
+    ref, sample = (x + 200 for x in steps)
+    assert (adm_float16_distances(ref.numpy(), sample.numpy()) == 0).all()
+    assert evaluate.precision_recall(ref, sample) == (1.0, 1.0)
+    assert evaluate.precision_recall(ref, sample, distances=evaluate.Distances.FLOAT32) == (0.25, 1.0)
+
+
+def test_a_block_with_a_non_finite_float16_distance_is_taken_in_float32(monkeypatch):
+    """ADM decides per row batch x column batch (10000 each; 4 here): a value of 300 squares to 90000,
+    past float16's 65504, so the blocks that hold its row or column are float32 throughout, even their
+    sub-blocks (block=2) that are finite in float16; the others stay float16."""
+    monkeypatch.setattr(evaluate, "ADM_BATCH", 4)
+    x = np.random.default_rng(6).uniform(90, 110, (8, 3)).astype(np.float32)
+    x[0, 0] = 300
+    d16 = adm_float16_distances(x, x)
+    sq = (x * x).astype(np.float32)
+    d32 = np.maximum((sq[:, 0] + sq[:, 1] + sq[:, 2])[:, None] - 2 * (x.astype(np.float64) @ x.T.astype(np.float64))
+                     .astype(np.float32) + (sq[:, 0] + sq[:, 1] + sq[:, 2])[None], 0)
+    expected = d16.copy()
+    expected[:4], expected[:, :4] = d32[:4], d32[:, :4]  # the blocks with row 0 or column 0
+    assert not np.isfinite(d16[:4, :4]).all() and (expected != d16).any()
+    radii = torch.from_numpy(np.partition(expected, 3, axis=1)[:, 3])
+    torch.testing.assert_close(evaluate.knn_radii(torch.from_numpy(x), block=2), radii, rtol=0, atol=0)
+
+
+def test_tensorflows_float16_sum_is_a_tree_of_packets():
+    """2048 then 63 ones, in float16 (step 2 above 2048): one value after another gives 2048, the exact
+    sum rounds to 2112; TensorFlow's CPU kernel gives 2110 (measured with tensorflow-cpu 2.21): its
+    first lane holds 2048 + 1 -> 2048 and the 31 others 1 + 1, four packet accumulators fold into one
+    (lane 0: 2048 + 2 + 2 + 2 = 2054, the others 8), and the lanes add up to 2054 + 7 * 8 = 2110."""
+    x = torch.ones(1, 64, dtype=torch.float16)
+    x[0, 0] = 2048
+    assert evaluate._tensorflow_sum(x).item() == 2110
 
 
 #################################################################################
@@ -234,7 +306,7 @@ def images(n, size, seed=0):
 def test_image_batches_stream_arr_0(tmp_path, save):
     arr, path = images(7, 5), str(tmp_path / "b.npz")
     save(path, arr_0=arr, labels=np.arange(7))
-    batches = list(evaluate.image_batches(path, 3))
+    batches = list(evaluate.image_batches(evaluate.inspect_batch(path), 3))
     assert [len(b) for b in batches] == [3, 3, 1] and np.array_equal(np.concatenate(batches), arr)
     assert evaluate.inspect_batch(path).shape == (7, 5, 5, 3)
 
@@ -242,10 +314,20 @@ def test_image_batches_stream_arr_0(tmp_path, save):
 def test_truncated_npz_is_an_error(tmp_path):
     path = tmp_path / "b.npz"
     np.savez(path, arr_0=images(20, 16))
+    batch = evaluate.inspect_batch(str(path))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(EvaluationError, match="not an .npz|corrupt|truncated"):
-        list(evaluate.image_batches(str(path), 4))
+        list(evaluate.image_batches(batch, 4))
+
+
+def test_a_batch_changed_after_its_check_is_refused(tmp_path):
+    path = str(tmp_path / "b.npz")
+    np.savez(path, arr_0=images(4, 8))
+    batch = evaluate.inspect_batch(path)
+    np.savez(path, arr_0=images(4, 8).astype(np.float32))
+    with pytest.raises(EvaluationError, match="changed since it was checked: arr_0 is now float32"):
+        list(evaluate.image_batches(batch, 2))
 
 
 def bad_inputs(tmp_path):
@@ -271,6 +353,29 @@ def bad_inputs(tmp_path):
     stats = dict(mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
     cases.append(([good, npz("stats.npz", **stats)], "the Inception Score and precision need"))
     cases.append((["--save-stats", good, good], "would overwrite"))
+    cases.append(([good, npz("empty.npz", arr_0=np.zeros((4, 0, 0, 3), np.uint8))], "holds images of 0x0 pixels"))
+    for name, value in (("object", np.array([None] * 2048)), ("string", np.array(["0.5"] * 2048)),
+                        ("short", np.zeros(10))):
+        cases.append(([npz(f"{name}.npz", **dict(stats, mu=value)), good], rf"mu in .*{name}.npz is .*not a float"))
+    huge = tmp_path / "huge.npz"  # mu's header claims 2^20 x 2^20 float64 (8 TiB)
+    with zipfile.ZipFile(huge, "w") as zf:
+        for key, value in stats.items():
+            with zf.open(f"{key}.npy", "w") as f:
+                if key == "mu":  # the header alone
+                    np.lib.format.write_array_header_1_0(f, dict(descr="<f8", fortran_order=False, shape=(2**20,) * 2))
+                else:
+                    np.lib.format.write_array(f, value)
+    cases.append(([str(huge), good], r"mu in .*huge.npz is float64 \(1048576, 1048576\)"))
+    for key, value in (("sigma", np.nan), ("mu_s", np.inf)):
+        bad = {k: v.copy() for k, v in stats.items()}
+        bad[key][3] = value
+        cases.append(([npz(f"nan_{key}.npz", **bad), good], rf"{key} in .*nan_{key}.npz holds NaN or infinite values"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    cases.append(([good, good, "--output", str(folder)], "--output .* is a folder"))
+    cases.append(([good, good, "--output", str(tmp_path / "missing" / "s.json")], "missing does not exist"))
+    cases.append((["--save-stats", str(folder), good], "--save-stats .* is a folder"))
+    cases.append((["--save-stats", str(tmp_path / "missing" / "s.npz"), good], "missing does not exist"))
     return cases
 
 
@@ -294,11 +399,48 @@ def test_cli_reports_a_bad_input_without_a_traceback(tmp_path):
     assert last.startswith("evaluate.py: error: ") and "is not an .npz file" in last
 
 
-def test_wrong_statistics_shapes_and_unreadable_weights_are_errors(tmp_path, weights):
+def test_statistics_changed_after_their_check_are_refused_when_read(tmp_path):
     path = str(tmp_path / "stats.npz")
     np.savez(path, mu=np.zeros(10), sigma=np.eye(10), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
-    with pytest.raises(EvaluationError, match=r"mu, sigma are \(10,\)"):
-        evaluate.read_stats(path)
+    with pytest.raises(EvaluationError, match=r"mu in .* is float64 \(10,\), not a float array of shape \(2048,\)"):
+        evaluate.read_reference_stats(path)
+    np.savez(path, mu=np.array([None] * 2048), sigma=np.eye(10), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    with pytest.raises(EvaluationError, match="cannot read the statistics in .*: Object arrays cannot be loaded"):
+        evaluate.read_reference_stats(path)
+
+
+def test_weights_are_read_once_as_tensors_and_the_network_gets_those(weights, monkeypatch):
+    """torch-fidelity would torch.load a path with weights_only=False; it gets the checked tensors in
+    memory instead, and the file is opened once (a file swapped after the check is never read)."""
+    loads, opened, real_load, real_open = [], [], torch.load, open
+
+    def recorded_load(f, *args, **kwargs):
+        loads.append((type(f), kwargs.get("weights_only")))
+        return real_load(f, *args, **kwargs)
+
+    def recorded_open(path, *args, **kwargs):
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recorded_load)
+    monkeypatch.setattr("builtins.open", recorded_open)
+    net, digest = evaluate.load_inception(weights, "cpu")
+    monkeypatch.undo()
+    assert opened.count(weights) == 1 and digest == hashlib.sha256(open(weights, "rb").read()).hexdigest()
+    assert loads[0] == (evaluate.io.BytesIO, True) and all(kind is evaluate.io.BytesIO for kind, _ in loads)
+    state = torch.load(weights, weights_only=True)
+    torch.testing.assert_close(net.net.fc.weight, state["fc.weight"], rtol=0, atol=0)
+
+
+def test_unreadable_or_non_finite_weights_are_errors(tmp_path, weights):
+    state = torch.load(weights, weights_only=True)
+    state["Mixed_6d.branch1x1.conv.weight"][0, 0, 0, 0] = float("nan")
+    nan = tmp_path / "nan.pth"
+    torch.save(state, nan)
+    with pytest.raises(EvaluationError, match="the weights Mixed_6d.branch1x1.conv.weight hold NaN"):
+        evaluate.load_inception(str(nan), "cpu")
+    with pytest.raises(EvaluationError, match="--inception .*: Is a directory"):
+        evaluate.load_inception(str(tmp_path), "cpu")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\0" * 100)
     with pytest.raises(EvaluationError, match="cannot read .* as Inception weights"):
@@ -344,6 +486,7 @@ def test_cli_end_to_end_writes_the_json_and_reuses_saved_statistics(tmp_path, we
         (4, 4, [24, 24], [16, 16])
     assert record["reference_stats"] == record["sample_stats"] == "computed"
     assert record["settings"]["inception_sha256"] == hashlib.sha256(open(weights, "rb").read()).hexdigest()
+    assert record["settings"]["distances"] == "adm-float16"
     assert record["samples"] == samples and record["reference"] == ref
     ref_mu, ref_sigma = calls[0][2], calls[0][3]
     assert ref_sigma.shape == (2048, 2048) and calls[1][2].shape == (2023,)
@@ -356,9 +499,41 @@ def test_cli_end_to_end_writes_the_json_and_reuses_saved_statistics(tmp_path, we
         np.testing.assert_array_equal(saved["sigma"], ref_sigma)
         np.testing.assert_array_equal(saved["mu_s"], calls[1][2])
 
-    evaluate.main(evaluate.parse_args([stats, samples, *common, "--output", str(tmp_path / "scores.json")])[1])
+    evaluate.main(evaluate.parse_args([stats, samples, *common, "--output", str(tmp_path / "scores.json"),
+                                       "--float32-distances"])[1])
     out, err = capsys.readouterr()
     record = json.loads((tmp_path / "scores.json").read_text())
+    assert record["settings"]["distances"] == "float32"
     assert record["reference_stats"] == "precomputed" and record["num_reference"] is None
     assert record["precision"] is None and "Precision: not computed" in out and "statistics only" in err
     np.testing.assert_array_equal(calls[-2][2], ref_mu)  # the FID used the saved reference statistics
+
+
+#################################################################################
+#                                   Download                                    #
+#################################################################################
+
+
+def test_weights_are_kept_only_when_their_digest_matches_their_name(file_server, tmp_path, monkeypatch):
+    server, files = file_server
+    data = os.urandom(5000)
+    good = f"weights-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    files.routes.update({good: (data, "application/octet-stream", None),
+                         "weights-0badc0de.pth": (data, "application/octet-stream", None),
+                         evaluate.INCEPTION_NAME: (b"<html>moved</html>", "text/html", None)})
+
+    path = evaluate.fetch_inception(good, str(tmp_path), base_url=server)
+    assert open(path, "rb").read() == data
+    asked = len(files.requests)
+    assert evaluate.fetch_inception(good, str(tmp_path), base_url=server) == path and len(files.requests) == asked
+
+    with pytest.raises(DownloadError, match="where its name promises 0badc0de"):
+        evaluate.fetch_inception("weights-0badc0de.pth", str(tmp_path), base_url=server)
+    monkeypatch.setenv(evaluate.INCEPTION_URL_ENV, server)  # the mirror variable is where the default comes from
+    with pytest.raises(DownloadError, match=f"{server}/{evaluate.INCEPTION_NAME}"):
+        evaluate.fetch_inception(dest_dir=str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [good]  # nothing else kept, no temporary files
+    with open(path, "r+b") as f:  # damaged in the cache: reported with the command that refetches it
+        f.write(b"x")
+    with pytest.raises(DownloadError, match=f"where its name promises .*: delete it to fetch it again: rm {path}"):
+        evaluate.fetch_inception(good, str(tmp_path), base_url=server)
