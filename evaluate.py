@@ -33,7 +33,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import sys
 import warnings
 import zipfile
@@ -43,7 +42,7 @@ import torch
 from scipy import linalg
 from tqdm.auto import tqdm
 
-from checkpoints import PRETRAINED_DIR, DownloadError, download
+from downloads import PRETRAINED_DIR, fetch, first_line, sha256_in_name
 from files import UserError, atomic_write, run_script
 
 # pytorch-fid's conversion of the TensorFlow graph's weights; torch-fidelity's release of the same
@@ -70,46 +69,17 @@ class EvaluationError(UserError, ValueError):
 #################################################################################
 
 
-def digest_in_name(name):
-    """The sha256 prefix a weights file's name promises (torch.hub's convention: name-<hex>.ext)."""
-    m = re.search(r"-([0-9a-f]{8,})\.[a-z]+$", name)
-    return m.group(1) if m else None
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_inception(name=INCEPTION_NAME, dest_dir=PRETRAINED_DIR, base_url=None):
     """
-    The Inception weights file `name`, downloaded into dest_dir the first time; a download is kept only
-    if its sha256 starts with the digest in its name.
+    The Inception weights file `name`, downloaded into dest_dir the first time; the file (downloaded or
+    found there) is used only if its sha256 starts with the digest in its name.
 
     :param base_url: the folder that holds it; default $DIT_INCEPTION_URL or INCEPTION_URL.
     :return: the path of the file.
-    :raises DownloadError.
+    :raises downloads.DownloadError.
     """
-    dest = os.path.join(dest_dir, name)
-    expected = digest_in_name(name)
-    assert expected, f"{name} carries no digest to verify a download against"
-
-    def verify(path):
-        found = sha256(path)
-        if not found.startswith(expected):
-            raise DownloadError(f"has sha256 {found[:16]}..., where its name promises {expected}")
-
-    if os.path.isfile(dest):  # checked again: a file copied in by hand, or damaged since, is not used
-        try:
-            verify(dest)
-        except DownloadError as e:
-            raise DownloadError(f"{dest} {e}: delete it to fetch it again: rm {dest}") from e
-        return dest
     base_url = base_url or os.environ.get(INCEPTION_URL_ENV) or INCEPTION_URL
-    return download(base_url.rstrip("/") + "/" + name, dest, verify)
+    return fetch(base_url, name, dest_dir, sha256_in_name(name))
 
 
 class InceptionFeatures(torch.nn.Module):
@@ -162,11 +132,6 @@ class InceptionFeatures(torch.nn.Module):
         return pool, spatial, logits
 
 
-def _first_line(e):
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def load_inception(path, device):
     """
     The network with the weights at `path`: a state_dict in pytorch-fid's layout (the module names
@@ -181,11 +146,11 @@ def load_inception(path, device):
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise EvaluationError(f"--inception {path}: {e.strerror or _first_line(e)}") from e
+        raise EvaluationError(f"--inception {path}: {e.strerror or first_line(e)}") from e
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or foreign files
-        raise EvaluationError(f"cannot read {path} as Inception weights: {_first_line(e)}") from e
+        raise EvaluationError(f"cannot read {path} as Inception weights: {first_line(e)}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EvaluationError(f"{path} holds a {type(state).__name__} that is not a state_dict of tensors "
                               f"(Inception weights)")
@@ -195,7 +160,7 @@ def load_inception(path, device):
     try:
         net = InceptionFeatures(state)
     except RuntimeError as e:  # load_state_dict's report: its second line names the keys
-        detail = str(e).strip().splitlines()[1:2] or [_first_line(e)]
+        detail = str(e).strip().splitlines()[1:2] or [first_line(e)]
         raise EvaluationError(f"{path} is not the Inception network in pytorch-fid's layout: "
                               f"{detail[0].strip()[:200]}") from e
     # Channels-last weights make every convolution run in NHWC, whatever layout the resize leaves:
@@ -235,7 +200,7 @@ def _read_npy_header(f, where):
         if version == (2, 0):
             return np.lib.format.read_array_header_2_0(f)
     except ValueError as e:
-        raise EvaluationError(f"{where} is not a valid .npy array ({_first_line(e)})") from e
+        raise EvaluationError(f"{where} is not a valid .npy array ({first_line(e)})") from e
     raise EvaluationError(f"{where} is in .npy format version {version}, which this reader does not know")
 
 
@@ -274,7 +239,7 @@ def inspect_batch(path):
                         raise EvaluationError(f"{key} in {path} is {dtype} {tuple(found)}, not a float array of "
                                               f"shape {expected} as this network's statistics are")
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise EvaluationError(f"{path} is not an .npz file ({_first_line(e)})") from e
+        raise EvaluationError(f"{path} is not an .npz file ({first_line(e)})") from e
     present = [k for k in STATS_KEYS if k in keys]
     if present and len(present) != len(STATS_KEYS):
         raise EvaluationError(f"{path} holds {', '.join(present)} but not "
@@ -308,7 +273,7 @@ def image_batches(batch, batch_size):
                                           f"{start + got // (batch.nbytes // len(batch))} of {shape[0]}")
                 yield batch
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise EvaluationError(f"{path} is corrupt ({_first_line(e)})") from e
+        raise EvaluationError(f"{path} is corrupt ({first_line(e)})") from e
 
 
 def read_reference_stats(path):
@@ -329,7 +294,7 @@ def read_reference_stats(path):
                                           f"shape {expected} as this network's statistics are")
                 stats[key] = value.astype(np.float64)
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, MemoryError) as e:
-        raise EvaluationError(f"cannot read the statistics in {path}: {_first_line(e)}") from e
+        raise EvaluationError(f"cannot read the statistics in {path}: {first_line(e)}") from e
     for key, value in stats.items():
         check_finite(value, f"{key} in {path}")
     return (stats["mu"], stats["sigma"]), (stats["mu_s"], stats["sigma_s"])

@@ -1,5 +1,5 @@
 """evaluate.py: the network against pytorch-fid's with the same (random) weights, each metric against
-its closed form, the streaming reader, the CLI end to end, bad inputs and the weights download."""
+its closed form, the streaming reader, the CLI end to end and bad inputs (the weights download: test_downloads)."""
 import hashlib
 import json
 import os
@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import evaluate
-from checkpoints import DownloadError
 from evaluate import EvaluationError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -507,33 +506,3 @@ def test_cli_end_to_end_writes_the_json_and_reuses_saved_statistics(tmp_path, we
     assert record["reference_stats"] == "precomputed" and record["num_reference"] is None
     assert record["precision"] is None and "Precision: not computed" in out and "statistics only" in err
     np.testing.assert_array_equal(calls[-2][2], ref_mu)  # the FID used the saved reference statistics
-
-
-#################################################################################
-#                                   Download                                    #
-#################################################################################
-
-
-def test_weights_are_kept_only_when_their_digest_matches_their_name(file_server, tmp_path, monkeypatch):
-    server, files = file_server
-    data = os.urandom(5000)
-    good = f"weights-{hashlib.sha256(data).hexdigest()[:8]}.pth"
-    files.routes.update({good: (data, "application/octet-stream", None),
-                         "weights-0badc0de.pth": (data, "application/octet-stream", None),
-                         evaluate.INCEPTION_NAME: (b"<html>moved</html>", "text/html", None)})
-
-    path = evaluate.fetch_inception(good, str(tmp_path), base_url=server)
-    assert open(path, "rb").read() == data
-    asked = len(files.requests)
-    assert evaluate.fetch_inception(good, str(tmp_path), base_url=server) == path and len(files.requests) == asked
-
-    with pytest.raises(DownloadError, match="where its name promises 0badc0de"):
-        evaluate.fetch_inception("weights-0badc0de.pth", str(tmp_path), base_url=server)
-    monkeypatch.setenv(evaluate.INCEPTION_URL_ENV, server)  # the mirror variable is where the default comes from
-    with pytest.raises(DownloadError, match=f"{server}/{evaluate.INCEPTION_NAME}"):
-        evaluate.fetch_inception(dest_dir=str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == [good]  # nothing else kept, no temporary files
-    with open(path, "r+b") as f:  # damaged in the cache: reported with the command that refetches it
-        f.write(b"x")
-    with pytest.raises(DownloadError, match=f"where its name promises .*: delete it to fetch it again: rm {path}"):
-        evaluate.fetch_inception(good, str(tmp_path), base_url=server)
