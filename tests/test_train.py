@@ -243,6 +243,25 @@ def test_a_diverged_run_keeps_its_good_checkpoints(pixel_store, tmp_path, monkey
     assert sorted(checkpoints.checkpoint_files(os.path.join(exp, "checkpoints"))) == [1]
 
 
+def test_every_process_decides_on_the_global_figures(monkeypatch):
+    """A non-finite loss on another process (simulated in the all-reduce) skips the step here too: the
+    weights, the EMA and the optimizer state stay as they were, so no process waits for another."""
+    AcceleratorState._reset_state(True)
+    accelerator = train.Accelerator(cpu=True, mixed_precision="no")
+    config = dict(model=MODEL, input_size=4, in_channels=3, num_classes=3, learn_sigma=True, class_dropout_prob=0.1)
+    training = train.make_training(accelerator, config, lr=1e-3)
+    diffusion = train.create_diffusion(timestep_respacing="")
+    x, y = torch.randn(2, 3, 4, 4), torch.tensor([0, 2])
+    assert train.train_step(accelerator, training, diffusion, x, y, float("inf"), 0.5)[0]  # a finite step is taken
+    before = [p.detach().clone() for p in training.params + training.ema]
+    other_process = torch.zeros(9, dtype=torch.float64)
+    other_process[1] = math.nan  # its loss sum in the first timestep quartile
+    monkeypatch.setattr(train, "reduce", lambda local, op: local + other_process)
+    taken, grad_norm, loss_sums, samples = train.train_step(accelerator, training, diffusion, x, y, float("inf"), 0.5)
+    assert not taken and math.isfinite(grad_norm) and math.isnan(sum(loss_sums)) and sum(samples) == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, training.params + training.ema))
+
+
 def test_flags_changed_on_resume_are_honoured_or_refused(trained, latent_store, tmp_path):
     """A new --lr on resume is what the optimizer uses, what the log says and what the checkpoint records;
     a flag that fixes which images each step sees is refused."""
