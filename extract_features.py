@@ -15,13 +15,14 @@ the images themselves are stored (pixel-space models; flips are exact there).
 Rows follow the sorted ImageFolder order and are cut into fixed shards of --shard-size rows, handed
 to the processes round-robin: the store is the same for any number of processes. A killed run,
 rerun with the same command, continues from the last finished chunk; a finished store is left as it
-is (a damaged shard in it is re-encoded); a store made with other settings or inputs is refused; a
-second run on a store that one is writing stops at once. Each shard's disk space is reserved when it
-is created, so a full disk is an error at the start, not a crash later. Unreadable images, images
-over --max-image-pixels and float images outside [0, 1] are skipped, logged and listed in
-meta.json; 16-bit images are scaled to 8 bits. `--fast-dit-path` converts fast-DiT's
-`*_features/*.npy` + `*_labels/*.npy` folders (one frozen flip and posterior sample per image,
-already scaled by 0.18215) into a store instead.
+is (a damaged shard or labels.npy in it is written again); a store made with other settings or
+inputs is refused; a second run on a store that one is writing stops at once. Each shard's disk
+space is reserved when it is created, so a full disk is an error at the start, not a crash later.
+Unreadable images, images over --max-image-pixels and float images outside [0, 1] are skipped,
+logged and listed in meta.json; 16-bit images are scaled to 8 bits. Links in the image folder are
+followed as torchvision's ImageFolder follows them; a loop of links is refused, naming the link.
+`--fast-dit-path` converts fast-DiT's `*_features/*.npy` + `*_labels/*.npy` folders (one frozen flip
+and posterior sample per image, already scaled by 0.18215) into a store instead.
 """
 import argparse
 import contextlib
@@ -335,19 +336,19 @@ def main(args):
     check_output_path(args.features_path, args.fast_dit_path or args.data_path)
     items, files, labels, class_names, root, vae, settings = read_inputs(args, state)
     existing = latents.read_existing(args.features_path, settings)
-    if existing is not None and existing["complete"] and not latents.damaged_shards(args.features_path, existing):
+    if existing is not None and existing["complete"] and not latents.store_problems(args.features_path, existing):
         log(f"{args.features_path} is already complete ({existing['count']} images): nothing to do")
         return existing
     with store_lock(args.features_path, state):
         # Read again under the lock: another run may have finished or extended the store meanwhile.
         existing = latents.read_existing(args.features_path, settings)
         if existing is not None and existing["complete"]:
-            damaged = latents.damaged_shards(args.features_path, existing)
-            if not damaged:
+            problems = latents.store_problems(args.features_path, existing)
+            if not problems:
                 log(f"{args.features_path} is already complete ({existing['count']} images): nothing to do")
                 return existing
-            for k, problem in damaged.items():
-                log(f"{latents.shard_name(k)}.npy {problem}: encoding that shard again")
+            for name, problem in problems.items():
+                log(f"{name} {problem}: writing it again")
         meta = latents.new_meta(settings, class_names, shown(os.path.abspath(root)))
         state.wait_for_everyone()  # every process has checked the folder before anyone writes to it
         if state.is_main_process:

@@ -30,8 +30,9 @@ does not depend on how many processes wrote it.
 File names come from this layout alone (shard k is always shard-0000k.npy): the shard list in
 meta.json must equal the layout of its rows and shard_size, so a store cannot point a reader or a
 writer at a file outside itself. Writing never follows a link: shards and the lock file are opened
-with O_NOFOLLOW (a link there is refused), and meta.json, labels.npy and progress files are
-renamed into place, which replaces a link instead of writing through it.
+with O_NOFOLLOW (a symbolic link there, or a shard with other hard links, is refused), and
+meta.json, labels.npy and progress files are renamed into place, which replaces a link instead of
+writing through it.
 
 Writing, as extract_features.py does it: read_existing (refuses a store made with other settings),
 lock_store, new_meta and start_store (rank 0), open_shards for this process's shards, per batch
@@ -107,23 +108,48 @@ def read_json(path):
     return obj
 
 
+def _count(v):
+    return type(v) is int and v >= 0
+
+
+# What each field of meta.json may hold; a reader indexes arrays and builds dtypes from them.
+FIELD_CHECKS = {
+    "rows": _count, "shard_size": lambda v: _count(v) and v > 0,
+    "dtype": lambda v: v in ("float16", "float32"),
+    "latent_shape": lambda v: isinstance(v, list) and len(v) == 3 and all(_count(n) and n > 0 for n in v),
+    "views": lambda v: type(v) is int and v in (1, 2), "posterior": lambda v: isinstance(v, bool),
+    "flip": lambda v: v in (FLIP_ENCODED, FLIP_EXACT, FLIP_NONE),
+    "scaling_factor": lambda v: type(v) in (int, float) and 0 < v < float("inf"),
+    "count": _count, "num_classes": _count,
+    "skipped_indices": lambda v: isinstance(v, list) and all(_count(i) for i in v) and v == sorted(set(v)),
+}
+
+
+# A store whose meta.json cannot be trusted is not continued or repaired: it is made again.
+REMAKE = "delete the store and run the extract_features.py command that made it again"
+
+
 def check_meta(path, meta):
     """
-    :raises StoreError: meta.json lacks a key the format needs, or its shard list is not the layout of
-            its rows and shard_size (a damaged or crafted file, e.g. one naming a file outside the store).
+    :raises StoreError: meta.json lacks a key the format needs or holds a value it cannot, or its shard
+            list is not the layout of its rows and shard_size (a damaged or crafted file, e.g. one
+            naming a file outside the store).
     """
     file = os.path.join(path, META_FILE)
-    needed = SETTINGS_KEYS + ("shards",) + (("count", "skipped_indices") if meta.get("complete") else ())
+    needed = SETTINGS_KEYS + ("shards",) + (("count", "num_classes", "skipped_indices") if meta.get("complete")
+                                            else ())
     missing = [k for k in needed if k not in meta]
     if missing:
-        raise StoreError(f"{file} is damaged: no {', '.join(missing)}; rerun the extract_features.py command "
-                         f"that made the store")
-    rows, size = meta["rows"], meta["shard_size"]
-    if not (type(rows) is int and type(size) is int and rows >= 0 and size > 0
-            and meta["shards"] == shard_layout(rows, size)):
-        raise StoreError(f"{file} is damaged: its shard list is not the layout of {rows!r} rows in shards of "
-                         f"{size!r} (shard-00000.npy, ...); rerun the extract_features.py command that made "
-                         f"the store")
+        raise StoreError(f"{file} is damaged: no {', '.join(missing)}; {REMAKE}")
+    bad = [f"{k}={meta[k]!r}" for k in needed if k in FIELD_CHECKS and not FIELD_CHECKS[k](meta[k])]
+    if meta.get("complete") and not bad and (meta["skipped_indices"][-1:] >= [meta["rows"]]
+                                             or meta["count"] != meta["rows"] - len(meta["skipped_indices"])):
+        bad = [f"count={meta['count']!r} of rows={meta['rows']!r} with {len(meta['skipped_indices'])} skipped"]
+    if bad:
+        raise StoreError(f"{file} is damaged: {'; '.join(bad)}; {REMAKE}")
+    if meta["shards"] != shard_layout(meta["rows"], meta["shard_size"]):
+        raise StoreError(f"{file} is damaged: its shard list is not the layout of {meta['rows']} rows in shards "
+                         f"of {meta['shard_size']} (shard-00000.npy, ...); {REMAKE}")
 
 
 def inputs_digest(files, labels, root):
@@ -177,10 +203,24 @@ def shard_problem(path, meta, k):
     return None
 
 
-def damaged_shards(path, meta):
-    """{shard index: what is wrong (shard_problem)} for the shards whose files are damaged."""
-    problems = {k: shard_problem(path, meta, k) for k in range(len(meta["shards"]))}
-    return {k: p for k, p in problems.items() if p}
+def labels_problem(path, meta):
+    """:return: None when labels.npy holds int64 [rows] classes in [0, num_classes), else what is wrong."""
+    try:
+        labels = np.load(os.path.join(path, LABELS_FILE), mmap_mode="r")
+    except (OSError, ValueError) as e:  # missing, truncated or not an array
+        return f"is damaged ({e})"
+    if (labels.shape != (meta["rows"],) or labels.dtype != np.int64
+            or labels.size and not 0 <= labels.min() <= labels.max() < meta["num_classes"]):
+        return (f"holds {labels.dtype} {labels.shape}, the store needs int64 ({meta['rows']},) "
+                f"in [0, {meta['num_classes']})")
+    return None
+
+
+def store_problems(path, meta):
+    """{file name: what is wrong} for the store's data files (shards, labels.npy) that are damaged."""
+    problems = {shard_name(k) + ".npy": shard_problem(path, meta, k) for k in range(len(meta["shards"]))}
+    problems[LABELS_FILE] = labels_problem(path, meta)
+    return {name: p for name, p in problems.items() if p}
 
 
 # Writing ------------------------------------------------------------------------------------------
@@ -355,16 +395,29 @@ class ShardWriter:
         write_json_atomic(self.json, self.progress)
 
 
+def read_progress(path, meta, k):
+    """:return: shard k's progress dict, or None when its file is missing or damaged (not JSON, or
+    fields that do not fit the shard): the shard then starts again."""
+    file = os.path.join(path, shard_name(k) + ".json")
+    try:
+        progress = read_json(file)
+    except (OSError, StoreError):
+        return None
+    rows, done, skipped = progress.get("rows"), progress.get("done"), progress.get("skipped")
+    fits = (rows == meta["shards"][k]["rows"] and _count(done) and done <= rows and isinstance(skipped, list)
+            and all(isinstance(s, dict) and _count(s.get("row")) and s["row"] < done and "path" in s
+                    and "error" in s and s.get("index") == k * meta["shard_size"] + s["row"] for s in skipped))
+    return progress if fits else None
+
+
 def open_shards(path, meta, shards):
     """
     The shards among `shards` (indices) that still need work, as {k: ShardWriter}. A shard whose
-    array is missing or damaged, or whose progress file is missing, starts again from its first row.
+    array or progress file is missing or damaged starts again from its first row.
     """
     writers = {}
     for k in shards:
-        js = os.path.join(path, shard_name(k) + ".json")
-        intact = os.path.isfile(js) and shard_problem(path, meta, k) is None
-        progress = read_json(js) if intact else None
+        progress = read_progress(path, meta, k) if shard_problem(path, meta, k) is None else None
         if progress is None or "stats" not in progress:
             writers[k] = ShardWriter(path, meta, k, progress)
     return writers
@@ -379,11 +432,11 @@ def finish_store(path, meta, files, root):
     :return: (the complete meta, the skipped entries: dicts with index, path and error).
     :raises StoreError: a shard is missing, damaged or unfinished (the store is not called complete).
     """
-    damaged = damaged_shards(path, meta)
-    if damaged:
-        k = min(damaged)
-        raise StoreError(f"{os.path.join(path, shard_name(k) + '.npy')} {damaged[k]} after this run wrote it "
-                         f"(removed or changed meanwhile?): the store is not complete; rerun the same command")
+    problems = store_problems(path, meta)
+    if problems:
+        name, problem = next(iter(problems.items()))
+        raise StoreError(f"{os.path.join(path, name)} {problem} after this run wrote it (removed or changed "
+                         f"meanwhile?): the store is not complete; rerun the same command")
     parts = []
     for k in range(len(meta["shards"])):
         js = os.path.join(path, shard_name(k) + ".json")
@@ -507,11 +560,11 @@ class LatentDataset(torch.utils.data.Dataset):
                              f"{FORMAT_VERSION}")
         check_meta(path, self.meta)
         # A damaged shard is found now, not by a read error (or a SIGBUS) hours into training.
-        damaged = damaged_shards(path, self.meta)
-        if damaged:
-            k = min(damaged)
-            raise StoreError(f"{os.path.join(path, shard_name(k) + '.npy')} {damaged[k]}: the store is damaged; "
-                             f"rerun the extract_features.py command that made it to re-encode that shard")
+        problems = store_problems(path, self.meta)
+        if problems:
+            name, problem = next(iter(problems.items()))
+            raise StoreError(f"{os.path.join(path, name)} {problem}: the store is damaged; rerun the "
+                             f"extract_features.py command that made it, which writes that file again")
         if flip and self.meta["flip"] == FLIP_NONE:
             warnings.warn(f"{path} holds no mirror images (converted fast-DiT features): flip=True "
                           f"has no effect, the stored orientation is used", stacklevel=2)
@@ -524,15 +577,7 @@ class LatentDataset(torch.utils.data.Dataset):
         skipped = np.asarray(self.meta["skipped_indices"], dtype=np.int64)
         # Dataset index -> global row, leaving out skipped files.
         self.rows = np.setdiff1d(np.arange(self.meta["rows"], dtype=np.int64), skipped)
-        labels_path = os.path.join(path, LABELS_FILE)
-        try:
-            labels = np.load(labels_path)
-        except (OSError, ValueError) as e:  # missing, truncated or not an array
-            raise StoreError(f"{labels_path} is damaged ({e}): rerun the extract_features.py command "
-                             f"that made the store") from e
-        if labels.shape != (self.meta["rows"],) or labels.dtype != np.int64:
-            raise StoreError(f"{labels_path} holds {labels.dtype} {labels.shape}, the store needs int64 "
-                             f"({self.meta['rows']},): rerun the extract_features.py command that made it")
+        labels = np.load(os.path.join(path, LABELS_FILE))
         self.labels = labels[self.rows]
         assert len(self.rows) == self.meta["count"]
         self._shards = None  # memory maps, opened on first read in each process

@@ -357,17 +357,22 @@ def test_changed_image_content_is_not_mixed_into_a_store(tmp_path, image_folder)
         extract_features.main(args)
 
 
-def test_damaged_shard_of_a_complete_store_is_encoded_again(tmp_path, latent_store, tiny_vae_path, image_folder,
+def test_damaged_shard_or_labels_of_a_complete_store_are_written_again(tmp_path, latent_store, tiny_vae_path, image_folder,
                                                             capsys, one_thread):
     store = str(tmp_path / "store")
     shutil.copytree(latent_store, store)
     shard = os.path.join(store, "shard-00001.npy")
     os.truncate(shard, os.path.getsize(shard) // 2)
+    os.truncate(os.path.join(store, "labels.npy"), 100)
     with pytest.raises(latents.StoreError, match="shard-00001.npy is truncated"):
         latents.LatentDataset(store)
     extract_features.main(extract_args(data_path=image_folder[0], features_path=store, vae=tiny_vae_path))
     out = capsys.readouterr().out
-    assert "shard-00001.npy is truncated" in out and "encoding that shard again" in out and "has 4 left" in out
+    assert "shard-00001.npy is truncated" in out and "labels.npy is damaged" in out and "has 4 left" in out
+    assert_same_store(latent_store, store)
+    os.truncate(os.path.join(store, "labels.npy"), 100)  # alone: the rerun used to find "nothing to do"
+    extract_features.main(extract_args(data_path=image_folder[0], features_path=store, vae=tiny_vae_path))
+    assert "labels.npy is damaged" in capsys.readouterr().out
     assert_same_store(latent_store, store)
 
 
@@ -503,6 +508,15 @@ def test_meta_and_labels_links_are_replaced_not_written_through(tmp_path, image_
     assert extract_features.main(args)["complete"]
     for name in before:
         assert (tmp_path / name).read_bytes() == before[name] and not os.path.islink(store / name)
+
+
+@pytest.mark.parametrize("progress", ['{"rows": 4, "do', '{"rows": 4, "done": "3", "skipped": []}'])
+def test_a_damaged_progress_file_starts_its_shard_again(tmp_path, image_folder, monkeypatch, capsys, progress):
+    store, args = stopped_store(tmp_path, image_folder, monkeypatch)
+    (store / "shard-00000.json").write_text(progress)
+    capsys.readouterr()
+    assert extract_features.main(args)["count"] == 10
+    assert "has 12 left" in capsys.readouterr().out
 
 
 def test_shard_names_come_from_the_layout_never_from_meta(tmp_path, latent_store, tiny_vae_path, image_folder):

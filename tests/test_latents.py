@@ -132,7 +132,8 @@ def test_unfinished_or_foreign_folders_are_refused(tmp_path, latent_store):
 
 
 @pytest.mark.parametrize("damage", ["truncated shard", "missing shard", "other shape", "labels", "meta",
-                                    "meta without a key", "meta not an object", "shard named outside"])
+                                    "meta without a key", "meta not an object", "meta value", "shard named outside",
+                                    "label out of range"])
 def test_damaged_store_is_refused_at_open_naming_the_file(tmp_path, latent_store, damage):
     """Found when the dataset is made (train.py: before a run folder exists), not by a read error or a
     SIGBUS in a DataLoader worker later."""
@@ -155,6 +156,11 @@ def test_damaged_store_is_refused_at_open_naming_the_file(tmp_path, latent_store
     elif damage == "meta":
         (store / "meta.json").write_text('{"complete": tr')
         want = r"meta.json is damaged \(not JSON"
+    elif damage == "label out of range":
+        labels = np.load(store / "labels.npy")
+        labels[3] = 3  # classes 0, 1, 2
+        np.save(store / "labels.npy", labels)
+        want = r"labels.npy holds int64 \(12,\), the store needs int64 \(12,\) in \[0, 3\)"
     elif damage == "meta not an object":
         (store / "meta.json").write_text('["complete"]')
         want = r"meta.json is damaged \(a JSON list, not an object\)"
@@ -162,7 +168,10 @@ def test_damaged_store_is_refused_at_open_naming_the_file(tmp_path, latent_store
         meta = json.loads((store / "meta.json").read_text())
         if damage == "meta without a key":
             del meta["views"]
-            want = r"meta.json is damaged: no views"
+            want = r"meta.json is damaged: no views; delete the store and run"
+        elif damage == "meta value":
+            meta["dtype"] = "float8"
+            want = r"meta.json is damaged: dtype='float8'"
         else:
             shutil.move(shard, tmp_path / "secret.npy")
             meta["shards"][2]["file"] = "../secret.npy"
