@@ -128,15 +128,17 @@ class FastDiTItems(Dataset):
 
 def check_output_path(features_path, input_path):
     """Refuse, before any work, an output path that cannot become the store.
-    :raises StoreError: it is a file, sits under a file or an unwritable folder, or inside the input."""
+    :raises StoreError: it is a file or a dangling link, sits under one or under an unwritable folder, or
+            inside the input."""
     path = os.path.abspath(features_path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise StoreError(f"--features-path {features_path} is a file, not a folder")
+    not_a_folder = lambda p: "a link to nothing" if not os.path.exists(p) else "a file, not a folder"  # noqa: E731
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise StoreError(f"--features-path {features_path} is {not_a_folder(path)}")
     parent = path
-    while not os.path.exists(parent):
+    while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise StoreError(f"--features-path {features_path}: {parent} is a file, not a folder")
+        raise StoreError(f"--features-path {features_path}: {parent} is {not_a_folder(parent)}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise StoreError(f"--features-path {features_path}: no permission to write in {parent}")
     inside = os.path.realpath(path)

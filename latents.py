@@ -254,6 +254,8 @@ def _open_no_link(file, flags, what):
     other hard links (writing would change a file outside the store). :return: the descriptor."""
     try:
         fd = os.open(file, flags | os.O_NOFOLLOW, 0o666)
+    except IsADirectoryError as e:
+        raise StoreError(f"{file} is a folder: refusing to write {what} there; remove it and rerun") from e
     except OSError as e:
         if e.errno != errno.ELOOP:
             raise

@@ -136,8 +136,11 @@ def test_bad_inputs_are_clear_errors(tmp_path, image_folder):
 def test_bad_output_paths_fail_before_any_work(tmp_path, image_folder, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the VAE cannot load: a VAEError would mean work began
     (tmp_path / "afile").write_text("precious")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
     for store, why in [(tmp_path / "afile", "is a file, not a folder"),
                        (tmp_path / "afile" / "store", "is a file, not a folder"),
+                       (tmp_path / "dangling", "is a link to nothing"),
+                       (tmp_path / "dangling" / "store", "is a link to nothing"),
                        (os.path.join(image_folder[0], "features"), "inside the input folder"),
                        (image_folder[0], "inside the input folder")]:
         with pytest.raises(extract_features.StoreError, match=why):
@@ -481,13 +484,18 @@ def stopped_store(tmp_path, image_folder, monkeypatch):
     ("shard-00001.npy", "a copy of the shard", "is a symbolic link: refusing to write a shard"),
     ("shard-00001.npy", "another file", "is a symbolic link: refusing to write a shard"),
     ("shard-00001.npy", "a hard link", "has other hard links: refusing to write a shard"),
+    ("shard-00001.npy", "a folder", "is a folder: refusing to write a shard there"),
     (".lock", "another file", "is a symbolic link: refusing to write the lock"),
 ])
-def test_a_link_in_an_unfinished_store_is_refused_not_written_through(tmp_path, image_folder, monkeypatch,
+def test_a_link_or_folder_in_an_unfinished_store_is_refused_not_written_through(tmp_path, image_folder, monkeypatch,
                                                                       name, outside, why):
     store, args = stopped_store(tmp_path, image_folder, monkeypatch)
     target = tmp_path / "outside"
-    if outside == "a hard link":
+    if outside == "a folder":  # no link, but a traceback before
+        os.remove(store / name)
+        os.mkdir(store / name)
+        target.write_bytes(b"")
+    elif outside == "a hard link":
         os.link(store / name, target)
     else:
         shutil.copy(store / name, target) if outside == "a copy of the shard" else target.write_bytes(b"precious")
