@@ -360,8 +360,8 @@ def test_changed_image_content_is_not_mixed_into_a_store(tmp_path, image_folder)
         extract_features.main(args)
 
 
-def test_damaged_shard_or_labels_of_a_complete_store_are_written_again(tmp_path, latent_store, tiny_vae_path, image_folder,
-                                                            capsys, one_thread):
+def test_damaged_shard_or_labels_of_a_complete_store_are_written_again(tmp_path, latent_store, tiny_vae_path,
+                                                                       image_folder, capsys, one_thread):
     store = str(tmp_path / "store")
     shutil.copytree(latent_store, store)
     shard = os.path.join(store, "shard-00001.npy")
@@ -487,8 +487,8 @@ def stopped_store(tmp_path, image_folder, monkeypatch):
     ("shard-00001.npy", "a folder", "is a folder: refusing to write a shard there"),
     (".lock", "another file", "is a symbolic link: refusing to write the lock"),
 ])
-def test_a_link_or_folder_in_an_unfinished_store_is_refused_not_written_through(tmp_path, image_folder, monkeypatch,
-                                                                      name, outside, why):
+def test_a_link_or_folder_in_an_unfinished_store_is_refused_not_written_through(tmp_path, image_folder,
+                                                                                monkeypatch, name, outside, why):
     store, args = stopped_store(tmp_path, image_folder, monkeypatch)
     target = tmp_path / "outside"
     if outside == "a folder":  # no link, but a traceback before
