@@ -37,8 +37,6 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, reduce
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 import latents
@@ -48,6 +46,9 @@ from vae import center_crop_arr, downsampling_factor, load_vae, scaling_factor
 
 # fast-DiT multiplies its stored latents by this constant (not read from the VAE config).
 FAST_DIT_SCALING_FACTOR = 0.18215
+# The file names torchvision's ImageFolder lists (torchvision.datasets.folder.IMG_EXTENSIONS; a test checks
+# they agree). Not imported from there: importing torchvision loads torch._dynamo, seconds per process.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # The white level of the high-bit-depth modes Pillow opens (16-bit PNG and TIFF, float TIFF):
 # Image.convert("RGB") clips these to 255 instead of scaling them (a 16-bit image comes out white).
 WHITE_LEVEL = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "F": 1.0}
@@ -72,6 +73,14 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
+def to_tensor(img):
+    """DiT's training transform without its RandomHorizontalFlip (both orientations are stored):
+    torchvision's ToTensor then Normalize(0.5, 0.5), in the same float32 steps, so the same numbers.
+    :return: [3 x S x S] float32 in [-1, 1]."""
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, S, S)
+    return x.float().div(255).sub_(0.5).div_(0.5)
+
+
 class ImageItems(Dataset):
     """Preprocessed images by global index: (index, [3 x S x S] tensor in [-1, 1], error message).
     An unusable image gives a zero tensor and a non-empty message instead of an exception, so one
@@ -81,11 +90,6 @@ class ImageItems(Dataset):
         self.files = files
         self.image_size = image_size
         self.max_pixels = max_pixels
-        # DiT's training transform without its RandomHorizontalFlip (both orientations are stored).
-        self.to_tensor = transforms.Compose([
-            transforms.ToTensor(),
-            transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=True),
-        ])
         self.shape = (3, image_size, image_size)
 
     def __len__(self):
@@ -100,7 +104,7 @@ class ImageItems(Dataset):
                     if img.width * img.height > self.max_pixels:
                         raise UnusableImage(f"{img.width}x{img.height} = {img.width * img.height:,} pixels, "
                                             f"over --max-image-pixels {self.max_pixels:,}")
-                    x = self.to_tensor(center_crop_arr(to_rgb(img), self.image_size))
+                    x = to_tensor(center_crop_arr(to_rgb(img), self.image_size))
             return i, x, ""
         except UnusableImage as e:
             return i, torch.zeros(self.shape), shown(str(e))

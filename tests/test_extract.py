@@ -202,6 +202,7 @@ def test_links_that_are_not_loops_are_listed_as_torchvision_lists_them(tmp_path,
     want = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
     files, labels, names = extract_features.scan_images(str(root))
     assert names == classes and list(zip(files, labels)) == want
+    assert extract_features.IMG_EXTENSIONS == IMG_EXTENSIONS
     assert len(files) == 22 and os.path.join(str(root), "ant", "linked", "0-link.png") in files
 
 
