@@ -205,8 +205,10 @@ def class_folders(data_path, name):
         listing.append((folder, sorted(names)))
         inside = outer.pop(folder)
         for sub in sorted(subfolders):
-            with contextlib.suppress(OSError):  # gone or unreadable: os.walk skips it too
+            try:
                 outer[os.path.join(folder, sub)] = enter(os.path.join(folder, sub), inside)
+            except OSError:  # gone or unreadable, as os.walk would find it: not walked
+                subfolders.remove(sub)
     return sorted(listing)
 
 
