@@ -48,13 +48,16 @@ def atomic_write(path, mode="wb"):
     """
     Open a temporary file beside `path` for writing; when the block ends without an error the data is
     flushed to disk and the file renamed to `path` (atomic on POSIX), else the temporary file is
-    removed and `path` is untouched.
+    removed and `path` is untouched. The temporary file is created new and never through a link, so a
+    link planted at its name cannot redirect the write; a link at `path` is replaced, not written through.
 
     :raises DiskFullError: the disk filled up (the message names the file and the free space).
     """
     tmp = f"{path}.tmp{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)  # a killed earlier process with this pid; a link is removed, not followed
     try:
-        with open(tmp, mode) as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -96,7 +99,7 @@ def sweep_temp_files(folder):
     swept = []
     for name in sorted(os.listdir(folder)):
         m = _TEMP.search(name)
-        if m is None:
+        if m is None or os.path.isdir(os.path.join(folder, name)):  # a folder's name is not atomic_write's
             continue
         pid = int(m.group(1)) if m.group(1) else None
         if pid is None or pid == os.getpid() or not _alive(pid):
