@@ -259,7 +259,6 @@ def load_checkpoint(spec, dest_dir=PRETRAINED_DIR, base_url=None):
         weights, field = data["ema"], "ema"
         config = _read_config(path, "args", args, ("model", "image_size", "num_classes", "vae"))
     _check_weights(path, field, weights)
-    require_finite(weights, path)
     return Checkpoint(path, weights, config)
 
 
@@ -351,7 +350,7 @@ def build_model(spec, ckpt, in_channels, input_size, device):
     Build spec's model for [in_channels x input_size x input_size] inputs, load the checkpoint's
     weights strictly and put it in eval mode on device.
 
-    :raises CheckpointError: the weights do not fit (names the checkpoint's apparent model).
+    :raises CheckpointError: the weights do not fit (names the checkpoint's apparent model) or are not finite.
     """
     try:
         # On the meta device: no memory and no random initialisation, the checkpoint supplies every value.
@@ -377,6 +376,8 @@ def build_model(spec, ckpt, in_channels, input_size, device):
             f"{ckpt.path} does not fit {spec.model} for {in_channels}-channel {input_size}x{input_size} inputs "
             f"with {spec.num_classes} classes: {'; '.join(problems)}."
             + (f" The checkpoint holds {held}." if held else ""))
+    # After the shapes: a crafted file's tensor can claim any size, and this check reads every element.
+    require_finite(ckpt.state_dict, ckpt.path)
     model.load_state_dict(ckpt.state_dict, strict=True, assign=True)
     return model.to(device, torch.float32).eval().requires_grad_(False)
 

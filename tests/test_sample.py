@@ -353,6 +353,17 @@ def test_load_model_leaves_the_flags_as_they_are(tmp_path, monkeypatch):
     assert args.ckpt is None
 
 
+def test_sample_ddp_refuses_non_finite_weights(tmp_path):
+    """A diverged run's weights would sample blank images: refused before any is written."""
+    path, out = tmp_path / "diverged.pt", tmp_path / "samples"
+    weights = small_state_dict()
+    weights["pos_embed"][0, 1, 2] = float("nan")
+    torch.save(weights, path)
+    with pytest.raises(CheckpointError, match=r"diverged.pt: pos_embed is not finite"):
+        sample_ddp_main(DDP + ["--ckpt", str(path), "--sample-dir", str(out)])
+    assert not out.exists()
+
+
 def test_sample_ddp_refuses_to_mix_weights_under_one_path(tmp_path):
     """A checkpoint replaced under the same path does not add its images to the other weights' .npz."""
     path, out = tmp_path / "model.pt", str(tmp_path / "samples")
