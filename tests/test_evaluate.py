@@ -63,8 +63,27 @@ def weights(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def net(weights):
-    return evaluate.load_inception(weights, "cpu")[0]
+def loaded(weights):
+    """load_inception(weights) once for the module: (network, digest, the torch.load calls as (type of
+    the source, weights_only), the files opened)."""
+    loads, opened, real_load, real_open = [], [], torch.load, open
+
+    def recorded_load(f, *args, **kwargs):
+        loads.append((type(f), kwargs.get("weights_only")))
+        return real_load(f, *args, **kwargs)
+
+    def recorded_open(path, *args, **kwargs):
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    with mock.patch.object(torch, "load", recorded_load), mock.patch("builtins.open", recorded_open):
+        net, digest = evaluate.load_inception(weights, "cpu")
+    return net, digest, loads, opened
+
+
+@pytest.fixture(scope="module")
+def net(loaded):
+    return loaded[0]
 
 
 @torch.no_grad()
@@ -353,12 +372,13 @@ def bad_inputs(tmp_path):
     cases.append(([good, npz("stats.npz", **stats)], "the Inception Score and precision need"))
     cases.append((["--save-stats", good, good], "would overwrite"))
     cases.append(([good, npz("empty.npz", arr_0=np.zeros((4, 0, 0, 3), np.uint8))], "holds images of 0x0 pixels"))
+    small = dict(sigma=np.eye(2), mu_s=np.zeros(2), sigma_s=np.eye(2))  # mu is checked first: these are never read
     for name, value in (("object", np.array([None] * 2048)), ("string", np.array(["0.5"] * 2048)),
                         ("short", np.zeros(10))):
-        cases.append(([npz(f"{name}.npz", **dict(stats, mu=value)), good], rf"mu in .*{name}.npz is .*not a float"))
+        cases.append(([npz(f"{name}.npz", mu=value, **small), good], rf"mu in .*{name}.npz is .*not a float"))
     huge = tmp_path / "huge.npz"  # mu's header claims 2^20 x 2^20 float64 (8 TiB)
     with zipfile.ZipFile(huge, "w") as zf:
-        for key, value in stats.items():
+        for key, value in dict(small, mu=None).items():
             with zf.open(f"{key}.npy", "w") as f:
                 if key == "mu":  # the header alone
                     np.lib.format.write_array_header_1_0(f, dict(descr="<f8", fortran_order=False, shape=(2**20,) * 2))
@@ -408,34 +428,19 @@ def test_statistics_changed_after_their_check_are_refused_when_read(tmp_path):
         evaluate.read_reference_stats(path)
 
 
-def test_weights_are_read_once_as_tensors_and_the_network_gets_those(weights, monkeypatch):
+def test_weights_are_read_once_as_tensors_and_the_network_gets_those(weights, loaded):
     """torch-fidelity would torch.load a path with weights_only=False; it gets the checked tensors in
     memory instead, and the file is opened once (a file swapped after the check is never read)."""
-    loads, opened, real_load, real_open = [], [], torch.load, open
-
-    def recorded_load(f, *args, **kwargs):
-        loads.append((type(f), kwargs.get("weights_only")))
-        return real_load(f, *args, **kwargs)
-
-    def recorded_open(path, *args, **kwargs):
-        opened.append(str(path))
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", recorded_load)
-    monkeypatch.setattr("builtins.open", recorded_open)
-    net, digest = evaluate.load_inception(weights, "cpu")
-    monkeypatch.undo()
+    net, digest, loads, opened = loaded
     assert opened.count(weights) == 1 and digest == hashlib.sha256(open(weights, "rb").read()).hexdigest()
     assert loads[0] == (evaluate.io.BytesIO, True) and all(kind is evaluate.io.BytesIO for kind, _ in loads)
     state = torch.load(weights, weights_only=True)
     torch.testing.assert_close(net.net.fc.weight, state["fc.weight"], rtol=0, atol=0)
 
 
-def test_unreadable_or_non_finite_weights_are_errors(tmp_path, weights):
-    state = torch.load(weights, weights_only=True)
-    state["Mixed_6d.branch1x1.conv.weight"][0, 0, 0, 0] = float("nan")
+def test_unreadable_or_non_finite_weights_are_errors(tmp_path):
     nan = tmp_path / "nan.pth"
-    torch.save(state, nan)
+    torch.save({"Mixed_6d.branch1x1.conv.weight": torch.tensor([1.0, float("nan")])}, nan)
     with pytest.raises(EvaluationError, match="the weights Mixed_6d.branch1x1.conv.weight hold NaN"):
         evaluate.load_inception(str(nan), "cpu")
     with pytest.raises(EvaluationError, match="--inception .*: Is a directory"):
@@ -471,6 +476,9 @@ def test_cli_end_to_end_writes_the_json_and_reuses_saved_statistics(tmp_path, we
         return float(len(mu1)) + 0.5
 
     monkeypatch.setattr(evaluate, "frechet_distance", recorded_fd)
+    loaded, load = {}, evaluate.load_inception  # the network is built once; the later runs reuse it
+    monkeypatch.setattr(evaluate, "load_inception", lambda path, device: loaded.get(path) or
+                        loaded.setdefault(path, load(path, device)))
     common = ["--inception", weights, "--device", "cpu", "--batch-size", "3"]
 
     evaluate.main(evaluate.parse_args([ref, samples, *common])[1])
