@@ -90,8 +90,8 @@ def download(url, dest, verify=None, timeout=60):
                 raise DownloadError(f"{url}: the transfer stopped after {received:,} of {expected:,} bytes")
             if verify is not None:
                 f.flush()
-                try:  # by its descriptor: the temporary file's name is atomic_write's business
-                    verify(f"/dev/fd/{f.fileno()}")
+                try:
+                    verify(f.name)
                 except DownloadError as e:
                     kind = response.headers.get("Content-Type", "unknown type")
                     raise DownloadError(f"{url} did not send {os.path.basename(dest)}: got {received:,} bytes "

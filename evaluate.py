@@ -413,15 +413,21 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=FD_EPS):
 def inception_score(probs, split_size=IS_SPLIT_SIZE):
     """
     exp(E_x KL(p(y|x) || p(y))) per split of `split_size` rows, averaged over the splits (ADM's, after
-    improved-gan). 0 log 0 counts as 0, where ADM's formula gives nan.
+    improved-gan), in ADM's own arithmetic: numpy in float32, operation for operation, so the figure is
+    ADM's to the last bit on the same probabilities (float64 would move it by up to ~5e-6 relative on
+    confident sets, measured with bench/adm_parity.py --offline). One deviation: 0 log 0 counts as 0,
+    where ADM's formula gives nan.
 
     :param probs: [N x C] class probabilities.
     """
+    probs = probs.float().cpu().numpy()
     scores = []
-    for part in probs.double().split(split_size):  # (n, C)
-        marginal = part.mean(0, keepdim=True)  # (1, C)
-        kl = (torch.xlogy(part, part) - torch.xlogy(part, marginal)).sum(1).mean()
-        scores.append(kl.exp().item())
+    for i in range(0, len(probs), split_size):
+        part = probs[i:i + split_size]  # (n, C) float32
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))  # (n, C)
+        kl = np.where(part == 0, np.float32(0), kl)  # 0 log 0 = 0
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
     return float(np.mean(scores))
 
 

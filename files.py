@@ -57,7 +57,7 @@ def atomic_write(path, mode="wb"):
     with contextlib.suppress(FileNotFoundError):
         os.remove(tmp)  # a killed earlier process with this pid; a link is removed, not followed
     try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), mode) as f:
+        with open(tmp, mode, opener=_create_new) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -70,6 +70,11 @@ def atomic_write(path, mode="wb"):
                                               f"({free_bytes(path) / 2**20:.0f} MiB free there); "
                                               f"nothing was written, free some space and rerun") from e
         raise
+
+
+def _create_new(path, flags):
+    """open()'s opener for a file that must not exist yet and is never reached through a link."""
+    return os.open(path, flags | os.O_EXCL | os.O_NOFOLLOW, 0o666)
 
 
 def free_bytes(path):
