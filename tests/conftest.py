@@ -43,6 +43,16 @@ def toy(x, t, y=None, **kwargs):
     return torch.cat([torch.sin(x + s), torch.tanh(0.5 * x - s)], dim=1)
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state (precision, process group) and refuses a second setting in the
+    same process: each test that runs a script's main in-process starts from none."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: exact sums, and no oversubscription of the 2 shared cores."""
