@@ -51,11 +51,11 @@ def test_constraints_pin_every_package_ci_installs_and_ci_uses_them():
     through the constraints into a new environment."""
     pins = dict(line.split("==") for line in read("constraints.txt").splitlines() if "==" in line)
     assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"  # the pair that installs on CPU machines
-    wanted = set(requirement_names(read("requirements.txt").splitlines())) | {"pytest", "pytorch-fid"}
+    wanted = set(requirement_names(read("requirements.txt").splitlines())) | {"pytest", "pytest-xdist", "pytorch-fid"}
     normal = {re.sub(r"[-_.]+", "-", name).lower() for name in pins}
     assert {re.sub(r"[-_.]+", "-", name).lower() for name in wanted} <= normal
     ci = read(".ci/run")
-    assert "-m venv" in ci and "-r requirements.txt -c constraints.txt pytest pytorch-fid" in ci
+    assert "-m venv" in ci and "-r requirements.txt -c constraints.txt pytest pytest-xdist pytorch-fid" in ci
 
 
 def test_environment_matches_requirements():
