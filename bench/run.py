@@ -9,8 +9,8 @@ command that measures it alone.
 
 Each benchmark is imported and its main() called in this process, one after the other; a failing
 benchmark is reported in the table and makes the exit status 1, the others still run. With --output
-the table is rewritten after every benchmark, so a run cut short keeps what it measured. The README's
-benchmark table is this script's output. For a lent GPU, see bench/gpu.sh.
+the table is rewritten after every benchmark, so a run cut short keeps what it measured. The tables in
+bench/README.md are this script's output. For a lent GPU, see bench/gpu.sh.
 """
 import argparse
 import datetime
