@@ -338,7 +338,11 @@ class RunLock:
 
     def __init__(self, run_dir):
         self.path = os.path.join(run_dir, LOCK_FILE)
-        self.file = open(self.path, "a+")
+        try:  # never through a link: taking the lock truncates the file
+            self.file = open(self.path, "a+", opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW, 0o666))
+        except OSError as e:
+            raise RunError(f"cannot take {self.path} ({e.strerror}): a run folder's lock is its own regular file; "
+                           f"remove what is there and rerun") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -128,6 +128,14 @@ def test_one_run_per_folder(tmp_path):
         holder.wait()
     runs.RunLock(first.dir).close()
 
+    outside = tmp_path / "outside.txt"  # a link planted where the lock goes is not written through
+    outside.write_text("keep")
+    os.remove(os.path.join(first.dir, runs.LOCK_FILE))
+    os.symlink(outside, os.path.join(first.dir, runs.LOCK_FILE))
+    with pytest.raises(runs.RunError, match="cannot take .*run.lock .*its own regular file"):
+        runs.RunLock(first.dir)
+    assert outside.read_text() == "keep"
+
 
 def test_a_refused_checkpoint_makes_no_folder_and_releases_its_own(tmp_path):
     path = checkpoint(str(tmp_path / "000-DiT-Digits-2"), 2)
