@@ -1,0 +1,65 @@
+"""diffusion/flow.py: SiT's linear interpolant with velocity prediction, its time sampling and samplers."""
+import json
+
+import pytest
+import torch
+
+from diffusion.flow import LOGIT_NORMAL_LOC, LOGIT_NORMAL_SCALE, FlowMatching, TimeSampling
+
+
+def test_loss_is_the_velocity_error_on_the_first_channels():
+    torch.manual_seed(0)
+    x1, x0 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0.0, 0.25, 0.7, 1.0])
+    seen = {}
+
+    def model(x, t, y):  # velocity x_t + y, then 3 "learned sigma" channels that must be ignored
+        seen.update(x=x, t=t)
+        return torch.cat([x + y.view(-1, 1, 1, 1), torch.full_like(x, 1e6)], dim=1)
+
+    y = torch.arange(4.0)
+    loss = FlowMatching().training_losses(model, x1, t, dict(y=y), noise=x0)["loss"]
+    x_t = t.view(-1, 1, 1, 1) * x1 + (1 - t.view(-1, 1, 1, 1)) * x0
+    assert torch.equal(seen["t"], t) and torch.allclose(seen["x"], x_t)  # fed t in [0, 1] itself
+    expected = ((x_t + y.view(-1, 1, 1, 1) - (x1 - x0)) ** 2).mean(dim=(1, 2, 3))
+    assert loss.shape == (4,) and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected)
+
+
+def test_the_exact_velocity_has_zero_loss():
+    """For one data point x1 the field (x1 - x) / (1 - t) is exact: t = 0 must be noise, t = 1 data."""
+    torch.manual_seed(1)
+    x1 = torch.randn(1, 4, 4, 4).expand(6, -1, -1, -1)
+    t = torch.linspace(0, 0.9, 6)
+    loss = FlowMatching().training_losses(lambda x, t: (x1 - x) / (1 - t.view(-1, 1, 1, 1)), x1, t)["loss"]
+    assert loss.max() < 1e-10
+
+
+def test_time_sampling():
+    torch.manual_seed(0)
+    expected = torch.rand(8)
+    torch.manual_seed(0)
+    assert torch.equal(FlowMatching("uniform").sample_time(8, "cpu"), expected)
+
+    torch.manual_seed(0)
+    t = FlowMatching("logit-normal").sample_time(200_000, "cpu")
+    assert t.dtype == torch.float32 and 0 <= t.min() and t.max() <= 1
+    # t = sigmoid(n), n ~ N(0, 1): median 1/2, quartiles sigmoid(-+0.6745), mean 1/2 by symmetry
+    q = torch.quantile(t[:100_000], torch.tensor([0.25, 0.5, 0.75]))
+    torch.testing.assert_close(q, torch.sigmoid(torch.tensor([-0.6745, 0.0, 0.6745])), atol=4e-3, rtol=0)
+    assert abs(t.mean().item() - 0.5) < 2e-3
+    assert (LOGIT_NORMAL_LOC, LOGIT_NORMAL_SCALE) == (0.0, 1.0)
+
+
+def test_noise_quartile_counts_from_the_data_end():
+    t = torch.tensor([1.0, 0.8, 0.74, 0.5, 0.3, 0.1, 0.0])
+    assert FlowMatching().noise_quartile(t).tolist() == [0, 0, 1, 2, 2, 3, 3]
+
+
+def test_config_is_plain_data():
+    assert FlowMatching(TimeSampling.UNIFORM).config()["time_sampling"] == "uniform"
+    record = FlowMatching("logit-normal").config()
+    assert json.loads(json.dumps(record)) == record
+    assert record["objective"] == "flow" and record["logit_normal_scale"] == 1.0
+    with pytest.raises(ValueError):
+        FlowMatching("lognormal")
