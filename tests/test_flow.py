@@ -1,10 +1,13 @@
 """diffusion/flow.py: SiT's linear interpolant with velocity prediction, its time sampling and samplers."""
 import json
+import zlib
 
 import pytest
 import torch
 
-from diffusion.flow import LOGIT_NORMAL_LOC, LOGIT_NORMAL_SCALE, FlowMatching, TimeSampling
+from conftest import GOLDEN_DIR
+from diffusion.flow import LOGIT_NORMAL_LOC, LOGIT_NORMAL_SCALE, FlowMatching, ODESolver, TimeSampling
+from models import DiT
 
 
 def test_loss_is_the_velocity_error_on_the_first_channels():
@@ -63,3 +66,74 @@ def test_config_is_plain_data():
     assert record["objective"] == "flow" and record["logit_normal_scale"] == 1.0
     with pytest.raises(ValueError):
         FlowMatching("lognormal")
+
+
+#################################################################################
+#                                    Samplers                                   #
+#################################################################################
+
+
+def reference_model(config):
+    """The golden file's model in this project's DiT (tests/golden/README.md, sit_reference.pt)."""
+    model = DiT(**config).eval()
+    model.load_state_dict({k: torch.randn(v.shape, generator=torch.Generator().manual_seed(
+        zlib.crc32(("sit:" + k).encode()))) * 0.05 for k, v in model.state_dict().items()}, strict=True)
+    return model.requires_grad_(False)
+
+
+def test_loss_and_samplers_match_sits_code(one_thread):
+    ref = torch.load(GOLDEN_DIR / "sit_reference.pt", weights_only=True)
+    model, inputs, steps, n = reference_model(ref["model"]), ref["inputs"], ref["steps"], len(ref["inputs"]["z"])
+    flow = FlowMatching()
+    ours = {"loss": flow.training_losses(model, inputs["x1"], inputs["t"], dict(y=inputs["y"]), inputs["x0"])["loss"]}
+    for cfg in (False, True):
+        z, kwargs, fn = inputs["z"], dict(y=inputs["y"]), model.forward
+        if cfg:
+            z, fn = torch.cat([z, z]), model.forward_with_cfg
+            kwargs = dict(y=torch.cat([inputs["y"], torch.full_like(inputs["y"], model.num_classes)]),
+                          cfg_scale=ref["cfg_scale"])
+        suffix = "_cfg" if cfg else ""
+        for name in ("euler", "heun"):
+            ours[name + suffix] = flow.sample_ode(fn, z, steps[name], ODESolver(name), kwargs)[:n]
+        draws = iter(inputs["sde_noise"])
+        ours["sde" + suffix] = flow.sample_sde(fn, z, lambda: torch.cat([next(draws)] * (len(z) // n)), steps["sde"],
+                                               kwargs)[:n]
+    assert ours.keys() == ref["outputs"].keys()
+    for key, expected in ref["outputs"].items():
+        torch.testing.assert_close(ours[key], expected, rtol=1e-5, atol=1e-5, msg=key)
+
+
+class Counted:
+    """A velocity model that counts its calls."""
+
+    def __init__(self, velocity):
+        self.velocity, self.calls = velocity, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        return self.velocity(x, t)
+
+
+def test_ode_solvers_end_exactly_where_the_flow_does():
+    torch.manual_seed(0)
+    z, x1 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    # One data point x1: the exact field (x1 - x) / (1 - t) moves on straight lines, which Euler follows exactly.
+    euler = Counted(lambda x, t: (x1 - x) / (1 - t.view(-1, 1, 1, 1)))
+    torch.testing.assert_close(FlowMatching().sample_ode(euler, z, 7, ODESolver.EULER), x1, rtol=0, atol=1e-5)
+    # dx/dt = 2 t c: x(1) = z + c, and Heun's trapezoid is exact for a slope linear in t (Euler is not).
+    c = torch.randn(2, 3, 4, 4)
+    heun = Counted(lambda x, t: 2 * t.view(-1, 1, 1, 1) * c)
+    torch.testing.assert_close(FlowMatching().sample_ode(heun, z, 7, "heun"), z + c, rtol=0, atol=1e-5)
+    assert not torch.allclose(FlowMatching().sample_ode(heun, z, 7, "euler"), z + c, atol=1e-2)
+    assert (euler.calls, heun.calls) == (6, 12 + 6)  # SiT's steps: 7 grid times, 6 intervals
+
+
+def test_sde_takes_one_noise_draw_per_step_and_steps_evaluations():
+    model, draws = Counted(lambda x, t: torch.zeros_like(x)), []
+
+    def noise():
+        draws.append(torch.randn(1, 1, 2, 2))
+        return draws[-1]
+
+    FlowMatching().sample_sde(model, torch.randn(1, 1, 2, 2), noise, 9)
+    assert (model.calls, len(draws)) == (9, 8)
