@@ -336,6 +336,47 @@ class DiT(nn.Module):
 
 
 #################################################################################
+#                      REPA: alignment with an encoder's tokens                 #
+#################################################################################
+
+
+class Projector(nn.Module):
+    """
+    REPA's projector (Yu et al. 2025, "Representation Alignment for Generation"): an MLP taking the hidden
+    tokens of one DiT block to the width of a frozen encoder's patch tokens. It is trained with the DiT and
+    dropped after training; train.py keeps it out of the DiT's state_dict (checkpoints store it apart), so
+    the trained weights stay strict-loadable into DiT_models.
+    """
+
+    def __init__(self, hidden_size, feature_dim, projector_dim=2048):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, projector_dim), nn.SiLU(),
+            nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+            nn.Linear(projector_dim, feature_dim),
+        )
+        # Xavier-uniform weights and zero biases, as every linear of the DiT (REPA initialises it so too).
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, h):
+        return self.mlp(h)  # (N, T, D) -> (N, T, feature_dim)
+
+
+def alignment_loss(projected, features):
+    """
+    REPA's loss: minus the cosine similarity of each projected token with the encoder's token at the same
+    place, averaged over the tokens.
+    :param projected: [N x T x F] the projector's output; features: [N x T x F] the encoder's patch tokens.
+    :return: [N] per-sample losses in [-1, 1].
+    """
+    similarity = (F.normalize(projected, dim=-1) * F.normalize(features, dim=-1)).sum(dim=-1)  # (N, T)
+    return -similarity.mean(dim=1)
+
+
+#################################################################################
 #                   Sine/Cosine Positional Embedding Functions                  #
 #################################################################################
 

@@ -239,12 +239,20 @@ class EpochBatches:
 
 # What --resume does with a flag whose value differs from the checkpoint's run (its train_config):
 # refused, as they fix which images each step sees: continued with another value, it is not that run;
-REFUSED_ON_RESUME = ("global_batch_size", "global_seed")
+REFUSED_ON_RESUME = {"global_batch_size": "it fixes which images each step sees",
+                     "global_seed": "it fixes which images each step sees",
+                     "objective": "the weights were trained to predict what it asks for",
+                     "repa_encoder": "the REPA projector was trained for its features",
+                     "repa_depth": "the REPA projector was trained on that block's tokens",
+                     "repa_projector_dim": "it is the REPA projector's shape"}
 # honoured from the resumed step on, with a log line: how each step updates the weights and the EMA,
 # how a step is split into micro-batches, its precision and flips. train.py applies them: the optimizer
 # and schedule take --lr and --warmup-steps (train.restore), the rest is read from the flags each step.
 HONOURED_ON_RESUME = ("lr", "warmup_steps", "max_grad_norm", "ema_decay", "ema_warmup", "on_nonfinite",
-                      "gradient_accumulation_steps", "mixed_precision", "flip")
+                      "gradient_accumulation_steps", "mixed_precision", "flip", "time_sampling", "repa_coeff")
+# Flags newer than some checkpoints, with the value such a checkpoint's run had.
+ADDED_FLAGS = dict(objective="ddpm", time_sampling="uniform", repa_encoder=None, repa_depth=8, repa_coeff=0.5,
+                   repa_projector_dim=2048)
 # The rest say how long, where and how often to log or save; the model and the store are checked
 # against the checkpoint by checkpoints.check_compatible (class_dropout_prob is in its model_config).
 
@@ -255,10 +263,11 @@ def check_resumed_flags(train_config, path, flags):
     :return: a note for each honoured flag that changed.
     :raises RunError: a refused flag changed (naming it, with both values).
     """
-    for key in REFUSED_ON_RESUME:
+    train_config = {**ADDED_FLAGS, **train_config}
+    for key, why in REFUSED_ON_RESUME.items():
         if key in train_config and train_config[key] != flags[key]:
             raise RunError(f"--{key.replace('_', '-')} {flags[key]}: {path} was trained with "
-                           f"{train_config[key]}; resume with the same (it fixes which images each step sees)")
+                           f"{train_config[key]}; resume with the same ({why})")
     return [f"--{key.replace('_', '-')} changed on resume: {train_config[key]} in {path}, {flags[key]} from now on"
             for key in HONOURED_ON_RESUME if key in train_config and train_config[key] != flags[key]]
 
@@ -266,14 +275,17 @@ def check_resumed_flags(train_config, path, flags):
 class Interval:
     """One log interval's figures for stats.jsonl, summed from its steps' global figures (train.train_step)."""
 
-    def __init__(self):
-        self.loss_sums, self.samples = [0.0] * 4, [0.0] * 4  # per timestep quartile
+    def __init__(self, aligned=False):
+        """:param aligned: the run has REPA's alignment loss, which the record reports as repa_loss."""
+        self.loss_sums, self.samples, self.align_sums = [0.0] * 4, [0.0] * 4, [0.0] * 4  # per timestep quartile
         self.grad_norm_sum, self.steps, self.skipped, self.start = 0.0, 0, 0, time.time()
+        self.aligned = aligned
 
-    def add(self, grad_norm, loss_sums, samples):
+    def add(self, grad_norm, loss_sums, samples, align_sums=(0.0,) * 4):
         self.grad_norm_sum += grad_norm
         self.loss_sums = [a + b for a, b in zip(self.loss_sums, loss_sums)]
         self.samples = [a + b for a, b in zip(self.samples, samples)]
+        self.align_sums = [a + b for a, b in zip(self.align_sums, align_sums)]
         self.steps += 1
 
     def record(self, images_per_step, quartiles=False):
@@ -283,6 +295,8 @@ class Interval:
         record = dict(loss=mean(sum(self.loss_sums), sum(self.samples)), grad_norm=mean(self.grad_norm_sum, self.steps),
                       steps_per_s=steps / seconds, images_per_s=steps * images_per_step / seconds,
                       skipped_steps=self.skipped)
+        if self.aligned:  # the denoising loss stays `loss`, comparable with runs without REPA
+            record["repa_loss"] = mean(sum(self.align_sums), sum(self.samples))
         if quartiles:
             record.update({f"loss_q{i}": mean(self.loss_sums[i], self.samples[i]) for i in range(4)})
         return record

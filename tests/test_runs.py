@@ -153,11 +153,19 @@ def test_a_refused_checkpoint_makes_no_folder_and_releases_its_own(tmp_path):
 
 
 def test_flags_changed_on_resume_are_honoured_with_a_note_or_refused():
-    saved = dict(lr=1e-4, global_batch_size=256, global_seed=0, max_grad_norm=0.0, max_steps=100)
+    saved = dict(lr=1e-4, global_batch_size=256, global_seed=0, max_grad_norm=0.0, max_steps=100, **runs.ADDED_FLAGS)
     now = dict(saved, lr=1e-3, max_steps=200)
     assert runs.check_resumed_flags(saved, "c.pt", now) == [
         "--lr changed on resume: 0.0001 in c.pt, 0.001 from now on"]
     assert runs.check_resumed_flags({}, "c.pt", now) == []  # a flag its run did not have: nothing to compare
+    # A checkpoint older than --objective was trained with DDPM: resuming it as a flow model is refused.
+    with pytest.raises(runs.RunError, match=r"--objective flow: c.pt was trained with ddpm; resume with the same "
+                                            r"\(the weights were trained to predict what it asks for\)"):
+        runs.check_resumed_flags({}, "c.pt", dict(now, objective="flow"))
+    with pytest.raises(runs.RunError, match="--repa-encoder enc: c.pt was trained with None"):
+        runs.check_resumed_flags(saved, "c.pt", dict(now, repa_encoder="enc"))
+    assert runs.check_resumed_flags(saved, "c.pt", dict(now, lr=1e-4, time_sampling="logit-normal")) == [
+        "--time-sampling changed on resume: uniform in c.pt, logit-normal from now on"]
     with pytest.raises(runs.RunError, match=r"--global-batch-size 8: c.pt was trained with 256; resume with the same"):
         runs.check_resumed_flags(saved, "c.pt", dict(now, global_batch_size=8))
     with pytest.raises(runs.RunError, match="--global-seed 1: c.pt was trained with 0"):
