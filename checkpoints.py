@@ -1,8 +1,9 @@
 """
 The checkpoint format, written and read here: train.py's checkpoints (atomic save with pruning,
 RNG states, the compatibility check for resuming), the files the sampling scripts accept (the
-released DiT-XL/2 weights, fetched through downloads.py and verified; plain state_dicts; DiT's
-train.py checkpoints; ours, each field checked as it is read), and the strict build of a model from them.
+released DiT-XL/2 and SiT-XL/2 weights, fetched through downloads.py and verified; plain state_dicts;
+DiT's and SiT's train.py checkpoints; ours, each field checked as it is read), with the objective
+each holds (DDPM or SiT's flow), and the strict build of a model from them.
 
     from checkpoints import load_checkpoint, resolve_spec, build_model
     ckpt = load_checkpoint("DiT-XL-2-256x256.pt")   # downloads into pretrained_models/ if missing
@@ -19,9 +20,15 @@ loadable with torch.load(weights_only=True):
     step             optimisation steps taken
     rng_states       every process's RNG states, in rank order
     parent           the checkpoint this run branched from (None for a run started fresh)
+    objective        the training objective's config(): {"objective": "ddpm", ...} or {"objective": "flow",
+                     "path": "linear", "prediction": "velocity", "time": ..., "time_sampling": ...}
+                     (diffusion/); a file without it is DDPM
+    projector        REPA's projector MLP {name: tensor}, apart from `model` and `ema` so that those load
+                     strictly into DiT_models; None without REPA
 """
 import argparse
 import dataclasses
+import functools
 import glob
 import hashlib
 import math
@@ -33,15 +40,28 @@ import zipfile
 import numpy as np
 import torch
 
-from downloads import PRETRAINED_DIR, DownloadError, fetch, first_line
+from diffusion.flow import FlowMatching, TimeSampling
+from downloads import PRETRAINED_DIR, DownloadError, download, fetch, first_line
 from files import UserError, atomic_write
 from models import DIT_CONFIGS, DiT_models
 from vae import VAE_PRESETS
 
-# The released DiT-XL/2 weights (plain state_dicts of the EMA model) and their image sizes.
-RELEASED_CHECKPOINTS = {"DiT-XL-2-256x256.pt": 256, "DiT-XL-2-512x512.pt": 512}
+# The released weights (plain state_dicts of EMA models, all with DiT-XL/2's keys and shapes) and their
+# image sizes: DiT's, and SiT's (Ma et al. 2024), whose file is DiT-XL/2 trained with the flow objective.
+RELEASED_CHECKPOINTS = {"DiT-XL-2-256x256.pt": 256, "DiT-XL-2-512x512.pt": 512, "SiT-XL-2-256x256.pt": 256}
 DOWNLOAD_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 DOWNLOAD_URL_ENV = "DIT_DOWNLOAD_URL"  # overrides DOWNLOAD_URL (a mirror, or the tests' local server)
+# Released files that are not at DOWNLOAD_URL/<name>: SiT's README and download.py link (willisma/SiT
+# at 947f95b). A DOWNLOAD_URL_ENV mirror serves them under their names like the others.
+RELEASED_URLS = {"SiT-XL-2-256x256.pt": "https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/"
+                                        "SiT-XL-2-256.pt?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0"}
+
+# What a checkpoint without an objective record holds: DiT's objective, DDPM.
+DDPM_OBJECTIVE = {"objective": "ddpm"}
+# SiT's: the linear path, velocity prediction, uniform t (its train.py's defaults, its released weights').
+SIT_OBJECTIVE = FlowMatching(TimeSampling.UNIFORM).config()
+RELEASED_OBJECTIVES = {name: SIT_OBJECTIVE if name.startswith("SiT-") else DDPM_OBJECTIVE
+                       for name in RELEASED_CHECKPOINTS}
 CKPT_RE = re.compile(r"^(\d{7,})\.pt$")  # train.py's checkpoint names: the step, 7 digits or more
 
 # Store metadata that must match for a checkpoint to continue training on a store.
@@ -60,8 +80,13 @@ class CheckpointError(UserError, ValueError):
 
 def released_shapes(name):
     """{key: shape} of the released checkpoint `name`: DiT-XL/2's state_dict, built on the meta device."""
+    return dict(_dit_xl_2_shapes(RELEASED_CHECKPOINTS[name]))
+
+
+@functools.cache  # building DiT-XL/2, even on the meta device, takes seconds; a file is checked twice
+def _dit_xl_2_shapes(image_size):
     with torch.device("meta"):
-        model = DiT_models["DiT-XL/2"](input_size=RELEASED_CHECKPOINTS[name] // 8, num_classes=1000)
+        model = DiT_models["DiT-XL/2"](input_size=image_size // 8, num_classes=1000)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -83,11 +108,13 @@ def fetch_released(name, dest_dir=PRETRAINED_DIR, base_url=None):
     A released checkpoint in dest_dir, downloaded the first time; the file (downloaded or found) is
     used only if it loads safely as a state_dict with exactly the released model's keys and shapes.
 
-    :param base_url: where the files are; default $DIT_DOWNLOAD_URL or DOWNLOAD_URL.
+    :param base_url: where the files are; default $DIT_DOWNLOAD_URL, else RELEASED_URLS[name] or DOWNLOAD_URL.
     :return: the path of the file.
     :raises DownloadError.
     """
-    base_url = base_url or os.environ.get(DOWNLOAD_URL_ENV) or DOWNLOAD_URL
+    base_url = base_url or os.environ.get(DOWNLOAD_URL_ENV)
+    own_url = RELEASED_URLS.get(name) if base_url is None else None
+    base_url = base_url or DOWNLOAD_URL
 
     def verify(path):
         if not zipfile.is_zipfile(path):
@@ -100,6 +127,8 @@ def fetch_released(name, dest_dir=PRETRAINED_DIR, base_url=None):
         if why:
             raise DownloadError(why)
 
+    if own_url and not os.path.isfile(os.path.join(dest_dir, name)):
+        download(own_url, os.path.join(dest_dir, name), verify)  # then found, and checked again, by fetch
     return fetch(base_url, name, dest_dir, verify)
 
 
@@ -112,11 +141,15 @@ def fetch_released(name, dest_dir=PRETRAINED_DIR, base_url=None):
 class Checkpoint:
     """Weights to sample with, and what the file says about the model they belong to: `config` holds
     whichever of model, input_size, in_channels, num_classes, learn_sigma, class_dropout_prob,
-    image_size, vae and scaling_factor the file fixes."""
+    image_size, vae and scaling_factor the file fixes; `objective` what it was trained for (checked
+    plain data, as an objective's config() writes it; DDPM_OBJECTIVE when the file has no record)."""
 
     path: str
     state_dict: dict  # the EMA weights
     config: dict
+    objective: dict = dataclasses.field(default_factory=lambda: dict(DDPM_OBJECTIVE))
+    # False for a plain state_dict that is not a released one: its weights cannot tell DDPM from flow.
+    objective_recorded: bool = True
 
 
 def read_checkpoint(path):
@@ -224,10 +257,46 @@ def _our_config(path, data):
     return config
 
 
+def _read_objective(path, record):
+    """
+    A checkpoint's objective record, checked: a dict of plain values naming "ddpm" or "flow"; a flow
+    record must state the conventions diffusion/flow.py samples with (SiT's linear path, velocity, its time).
+
+    :return: the record (DDPM_OBJECTIVE when `record` is None).
+    :raises CheckpointError: naming the file and what is wrong.
+    """
+    if record is None:
+        return dict(DDPM_OBJECTIVE)
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: objective is a {type(record).__name__}, not a dict")
+    for key, value in record.items():
+        if not isinstance(key, str) or not (value is None or isinstance(value, (str, bool)) or _is_real(value)):
+            raise CheckpointError(f"{path}: objective[{_shown(key)}] is {_shown(value)}, not a plain value")
+    kind = record.get("objective")
+    if kind not in ("ddpm", "flow"):
+        raise CheckpointError(f"{path}: objective.objective is {_shown(kind)}, not 'ddpm' or 'flow'")
+    if kind == "flow":
+        for key in ("path", "prediction", "time"):
+            if record.get(key) != SIT_OBJECTIVE[key]:
+                raise CheckpointError(f"{path}: objective.{key} is {_shown(record.get(key))}; only SiT's "
+                                      f"{SIT_OBJECTIVE[key]!r} is supported")
+    return record
+
+
+def _sit_objective(path, args):
+    """The objective of one of SiT's train.py checkpoints, from its flags.
+    :raises CheckpointError: a setting other than SiT's default (Linear path, velocity prediction)."""
+    setting = (args.get("path_type"), args.get("prediction"))
+    if setting != ("Linear", "velocity"):
+        raise CheckpointError(f"{path} is a SiT checkpoint trained with --path-type {setting[0]} --prediction "
+                              f"{setting[1]}: only SiT's --path-type Linear --prediction velocity is supported")
+    return dict(SIT_OBJECTIVE)
+
+
 def load_checkpoint(spec, dest_dir=PRETRAINED_DIR, base_url=None):
     """
     :param spec: a released name (downloaded into dest_dir if not there), or a path to a plain
-                 state_dict, a DiT train.py checkpoint or one of our train.py checkpoints.
+                 state_dict, a DiT or SiT train.py checkpoint or one of our train.py checkpoints.
     :return: a Checkpoint.
     :raises CheckpointError: the file cannot be read, or a field the sampling scripts use is missing or
                              not what it should be (the message names the file and the field).
@@ -245,21 +314,26 @@ def load_checkpoint(spec, dest_dir=PRETRAINED_DIR, base_url=None):
         why = why_not_released(name, data)
         if why:
             raise CheckpointError(f"{path} {why}: it is not the released {name}")
-        weights, field = data, None
+        weights, field, objective = data, None, dict(RELEASED_OBJECTIVES[name])
         config = dict(model="DiT-XL/2", image_size=RELEASED_CHECKPOINTS[name], num_classes=1000, learn_sigma=True)
     elif data and all(isinstance(v, torch.Tensor) for v in data.values()):
-        weights, field, config = data, None, {}
+        _check_weights(path, None, data)
+        return Checkpoint(path, data, {}, dict(DDPM_OBJECTIVE), objective_recorded=False)
     elif "ema" not in data:
         raise CheckpointError(f"{path} is neither a state_dict nor a training checkpoint "
                               f"(keys: {sorted(map(str, data))[:8]})")
     elif "model_config" in data:  # ours: describes itself
         weights, field, config = data["ema"], "ema", _our_config(path, data)
-    else:  # DiT's train.py: its flags as an argparse.Namespace
+        objective = _read_objective(path, data.get("objective"))
+    else:  # DiT's or SiT's train.py: its flags as an argparse.Namespace (SiT's has path_type)
         args = vars(data["args"]) if isinstance(data.get("args"), argparse.Namespace) else {}
         weights, field = data["ema"], "ema"
+        objective = _sit_objective(path, args) if "path_type" in args else dict(DDPM_OBJECTIVE)
+        if "path_type" in args and isinstance(args.get("model"), str) and args["model"].startswith("SiT-"):
+            args = dict(args, model="DiT-" + args["model"][len("SiT-"):])  # SiT_models are DiT_models renamed
         config = _read_config(path, "args", args, ("model", "image_size", "num_classes", "vae"))
     _check_weights(path, field, weights)
-    return Checkpoint(path, weights, config)
+    return Checkpoint(path, weights, config, objective)
 
 
 def weights_digest(state_dict):
@@ -423,10 +497,13 @@ def require_finite(state_dict, source):
             raise CheckpointError(f"{source}: {name} is not finite (a diverged run); refused")
 
 
-def training_checkpoint(step, model, ema, opt, scheduler, model_config, latents, train_config, rng_states, parent):
-    """A train.py checkpoint: the layout this module's docstring describes, as one dict of plain data."""
+def training_checkpoint(step, model, ema, opt, scheduler, model_config, latents, train_config, rng_states, parent,
+                        *, objective, projector=None):
+    """A train.py checkpoint: the layout this module's docstring describes, as one dict of plain data.
+    :param objective: the objective's config(); projector: REPA's projector state_dict, or None."""
     return dict(model=model, ema=ema, opt=opt, scheduler=scheduler, model_config=model_config, latents=latents,
-                train_config=train_config, step=step, rng_states=rng_states, parent=parent)
+                train_config=train_config, step=step, rng_states=rng_states, parent=parent, objective=objective,
+                projector=projector)
 
 
 def check_compatible(ckpt, path, model_config, meta):

@@ -11,6 +11,7 @@ import torch
 import checkpoints
 from checkpoints import CheckpointError
 from conftest import GOLDEN_DIR, SMALL_MODEL, released_like, small_state_dict, torch_bytes, train_checkpoint
+from downloads import DownloadError
 
 RELEASED = "DiT-XL-2-256x256.pt"
 
@@ -37,6 +38,27 @@ def test_a_cached_released_name_loads_strictly_as_dit_xl_2(tmp_path):
     other.write_bytes(torch_bytes(small_state_dict()))
     with pytest.raises(CheckpointError, match=f"{other} does not have the released DiT-XL/2 keys and shapes"):
         checkpoints.load_checkpoint(str(other))
+
+
+def test_sits_released_name_is_fetched_from_its_own_link_and_verified(file_server, tmp_path, monkeypatch):
+    base, server = file_server
+    name = "SiT-XL-2-256x256.pt"
+    link = "scl/fi/x/SiT-XL-2-256.pt?rlkey=k&dl=0"  # SiT's link is not <base>/<name>
+    server.routes[link] = (released_like(256), "application/octet-stream", None)
+    monkeypatch.setitem(checkpoints.RELEASED_URLS, name, f"{base}/{link}")
+    monkeypatch.delenv(checkpoints.DOWNLOAD_URL_ENV, raising=False)
+    dest = tmp_path / "pretrained_models"
+    ckpt = checkpoints.load_checkpoint(name, dest_dir=str(dest))
+    assert server.requests == [link] and os.listdir(dest) == [name]
+    assert ckpt.config["model"] == "DiT-XL/2" and ckpt.objective == checkpoints.SIT_OBJECTIVE
+    assert checkpoints.load_checkpoint(name, dest_dir=str(dest)).objective["objective"] == "flow"  # cached
+    assert server.requests == [link]
+    # A mirror ($DIT_DOWNLOAD_URL) serves it under its name; a file of other shapes is not kept.
+    server.routes[f"mirror/{name}"] = (torch_bytes(small_state_dict()), "application/octet-stream", None)
+    monkeypatch.setenv(checkpoints.DOWNLOAD_URL_ENV, f"{base}/mirror")
+    with pytest.raises(DownloadError, match="does not have the released DiT-XL/2 keys and shapes"):
+        checkpoints.load_checkpoint(name, dest_dir=str(tmp_path / "other"))
+    assert os.listdir(tmp_path / "other") == []
 
 
 def test_released_512_checkpoint_against_256_model_is_a_clear_error(tmp_path):
@@ -90,6 +112,36 @@ def test_dit_train_format_with_namespace(tmp_path):
     assert ckpt.state_dict is not None and all(torch.equal(ckpt.state_dict[k], v) for k, v in ema.items())
     with pytest.raises(CheckpointError, match="--model DiT-XL/2 contradicts"):
         checkpoints.resolve_spec(ckpt, model="DiT-XL/2")
+
+
+def test_the_objective_is_recorded_and_read_back(tmp_path):
+    flow = dict(checkpoints.SIT_OBJECTIVE, time_sampling="logit-normal", logit_normal_loc=0.0, logit_normal_scale=1.0)
+    projector = {"0.weight": torch.ones(2, 2)}
+    data = checkpoints.training_checkpoint(100, W, W, {}, {}, CONFIG, LATENTS, dict(global_batch_size=4), [], None,
+                                           objective=flow, projector=projector)
+    assert data["projector"] is projector and data["ema"] is W  # apart: ema stays a strict DiT state_dict
+    torch.save(data, tmp_path / "0000100.pt")
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / "0000100.pt"))
+    assert (ckpt.objective, ckpt.objective_recorded) == (flow, True)
+    # Before objectives were recorded every file was DDPM; a plain state_dict cannot tell.
+    assert checkpoints.load_checkpoint(crafted(tmp_path / "old.pt")).objective == {"objective": "ddpm"}
+    torch.save(W, tmp_path / "plain.pt")
+    assert not checkpoints.load_checkpoint(str(tmp_path / "plain.pt")).objective_recorded
+
+
+def test_sit_train_checkpoints_load_as_flow_for_sits_default_setting_only(tmp_path):
+    path = tmp_path / "0050000.pt"
+    sit_args = dict(model="SiT-S/8", image_size=256, num_classes=1000, vae="ema", path_type="Linear",
+                    prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None)
+    torch.save(dict(model=W, ema=W, opt={}, args=argparse.Namespace(**sit_args)), path)
+    ckpt = checkpoints.load_checkpoint(str(path))
+    assert ckpt.config["model"] == "DiT-S/8" and ckpt.objective == checkpoints.SIT_OBJECTIVE
+    for setting, shown in [(dict(path_type="GVP"), "--path-type GVP --prediction velocity"),
+                           (dict(prediction="noise"), "--path-type Linear --prediction noise")]:
+        torch.save(dict(ema=W, args=argparse.Namespace(**dict(sit_args, **setting))), path)
+        with pytest.raises(CheckpointError, match=f"^{path} is a SiT checkpoint trained with {shown}: only SiT's "
+                                                  f"--path-type Linear --prediction velocity is supported$"):
+            checkpoints.load_checkpoint(str(path))
 
 
 def test_wrong_model_and_bad_files_are_clear_errors(tmp_path):
@@ -171,6 +223,13 @@ def crafted(path, **fields):
     (dict(train_config={}), r"train_config is empty, not train.py's flags"),
     (dict(train_config="--lr 1e-4"), r"train_config is a str, not train.py's flags"),
     (dict(train_config=None), r"has no train_config"),
+    (dict(objective="flow"), r"objective is a str, not a dict"),
+    (dict(objective=dict(objective="vp")), r"objective.objective is 'vp', not 'ddpm' or 'flow'"),
+    (dict(objective=dict(checkpoints.SIT_OBJECTIVE, prediction="noise")), r"objective.prediction is 'noise'; only "
+                                                                          r"SiT's 'velocity' is supported"),
+    (dict(objective=dict(checkpoints.SIT_OBJECTIVE, time="t=0 data")), r"objective.time is 't=0 data'; only SiT's"),
+    (dict(objective=dict(objective="ddpm", steps=torch.zeros(2))), r"objective\['steps'\] is tensor\(\[0\., 0\.\]\), "
+                                                                   r"not a plain value"),
 ])
 @pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
 def test_crafted_train_checkpoints_are_one_line_errors_naming_the_field(tmp_path, fields, message):
