@@ -5,11 +5,14 @@ Sample a grid of images from a DiT and save it as a PNG.
     python sample.py --image-size 512 --seed 1
     python sample.py --sampler dpm-solver --num-sampling-steps 20
     python sample.py --ckpt results/000-DiT-S-2/checkpoints/0100000.pt --class-labels 0 1 2 3
+    python sample.py --ckpt SiT-XL-2-256x256.pt                 # SiT's released weights, 250 SDE steps
+    python sample.py --ckpt SiT-XL-2-256x256.pt --sampler heun --num-sampling-steps 50
 
 With no --ckpt the released DiT-XL/2 weights for --image-size are downloaded into pretrained_models/
 (once) and the autoencoder comes from the Hugging Face hub (or its local cache). A train.py
-checkpoint brings its own model, image size and autoencoder. Runs on a GPU if there is one, else
-on the CPU (slowly for DiT-XL/2: use --sampler dpm-solver there).
+checkpoint brings its own model, image size, autoencoder and objective: DDPM checkpoints sample
+with ddpm, flow ones (train.py --objective flow, SiT's) with sde unless --sampler says otherwise.
+Runs on a GPU if there is one, else on the CPU (slowly for DiT-XL/2: use --sampler dpm-solver there).
 """
 import argparse
 import os
@@ -40,12 +43,12 @@ def main(args):
     n = len(args.class_labels)
     noise = ImageNoise(args.seed, range(n), loaded.latent_shape, device)
     y = torch.tensor(args.class_labels, device=device)
-    samples = sample_latents(loaded.model, noise, y, args.sampler, args.num_sampling_steps, args.cfg_scale,
+    samples = sample_latents(loaded.model, noise, y, loaded.sampler, loaded.steps, args.cfg_scale,
                              args.guidance, args.guidance_interval, progress=True, spacing=args.solver_spacing)
     images = decode(loaded.vae, samples, loaded.scaling_factor)
     save_image(images, args.output, nrow=args.nrow, normalize=True, value_range=(-1, 1))
-    print(f"saved {n} samples of {spec.model} ({spec.image_size}x{spec.image_size}, {args.sampler}, "
-          f"{args.num_sampling_steps} steps, cfg {args.cfg_scale}) to {args.output}")
+    print(f"saved {n} samples of {spec.model} ({spec.image_size}x{spec.image_size}, {loaded.objective}, "
+          f"{loaded.sampler.value}, {loaded.steps} steps, cfg {args.cfg_scale}) to {args.output}")
 
 
 def parse_args(argv=None):

@@ -5,8 +5,10 @@ Sample many images in parallel for FID/IS/precision/recall with ADM's evaluation
     accelerate launch --num_processes 8 sample_ddp.py --sampler dpm-solver --num-sampling-steps 20
     accelerate launch --cpu --num_processes 2 sample_ddp.py --ckpt <train.py checkpoint> --num-fid-samples 100
     python sample_ddp.py --ckpt results/000-DiT-S-2/checkpoints/0100000.pt --num-fid-samples 1000
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt SiT-XL-2-256x256.pt          # SiT's FID setting: 250 SDE steps
 
-Defaults are DiT's FID settings (released DiT-XL/2 256x256, ema autoencoder, cfg 1.5, 250 DDPM steps). Each image
+Defaults are DiT's FID settings (released DiT-XL/2 256x256, ema autoencoder, cfg 1.5, 250 DDPM steps); a
+flow checkpoint (train.py --objective flow, SiT's) samples with its own default, 250 SDE steps. Each image
 is written as <sample-dir>/<run name>/NNNNNN.png, then all are packed into <run name>.npz: `arr_0`
 (uint8, N x H x W x 3, what ADM's evaluator reads) and `labels` (int64, N). Image i has its own
 noise and class label drawn from (--global-seed, i), so the images depend neither on the number of
@@ -29,8 +31,8 @@ from tqdm.auto import tqdm
 
 from checkpoints import weights_digest
 from files import atomic_write, run_script, sweep_temp_files
-from sampling import (ImageNoise, SamplingError, add_sampling_args, check_sampling_args, load_model, random_labels,
-                      sample_latents, to_uint8)
+from sampling import (ImageNoise, Sampler, SamplingError, add_sampling_args, check_sampling_args, load_model,
+                      random_labels, sample_latents, to_uint8)
 from vae import decode
 
 
@@ -40,9 +42,10 @@ def run_name(args, loaded):
     spec = loaded.spec
     ckpt = os.path.splitext(os.path.basename(loaded.ckpt.path))[0]
     vae = os.path.basename(os.path.normpath(spec.vae))
+    # The sampler names the objective too: ddpm, ddim and dpm-solver are DDPM's, euler, heun and sde flow's.
     name = (f"{spec.model.replace('/', '-')}-{ckpt}-size-{spec.image_size}-vae-{vae}-cfg-{args.cfg_scale}"
-            f"-{args.sampler}-{args.num_sampling_steps}-seed-{args.global_seed}")
-    if args.sampler == "dpm-solver" and args.solver_spacing != "logsnr":
+            f"-{loaded.sampler.value}-{loaded.steps}-seed-{args.global_seed}")
+    if loaded.sampler is Sampler.DPM_SOLVER and args.solver_spacing != "logsnr":
         name += f"-spacing-{args.solver_spacing}"
     if args.cfg_scale != 1.0 and args.guidance != "dit":
         name += f"-guidance-{args.guidance}"
@@ -85,10 +88,10 @@ def main(args):
     folder = os.path.join(args.sample_dir, run_name(args, loaded))
     settings = dict(ckpt=os.path.abspath(loaded.ckpt.path), weights_sha256=weights_digest(loaded.ckpt.state_dict),
                     model=spec.model, image_size=spec.image_size, vae=spec.vae, num_classes=spec.num_classes,
-                    scaling_factor=loaded.scaling_factor, sampler=args.sampler,
-                    num_sampling_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale, guidance=args.guidance,
+                    scaling_factor=loaded.scaling_factor, objective=loaded.objective, sampler=loaded.sampler.value,
+                    num_sampling_steps=loaded.steps, cfg_scale=args.cfg_scale, guidance=args.guidance,
                     guidance_interval=args.guidance_interval, global_seed=args.global_seed,
-                    solver_spacing=args.solver_spacing if args.sampler == "dpm-solver" else None)
+                    solver_spacing=args.solver_spacing if loaded.sampler is Sampler.DPM_SOLVER else None)
     settings_path = os.path.join(folder, "settings.json")
     if state.is_main_process:
         os.makedirs(folder, exist_ok=True)
@@ -126,7 +129,7 @@ def main(args):
             if batch:
                 y = random_labels(args.global_seed, batch, spec.num_classes).to(device)
                 noise = ImageNoise(args.global_seed, batch, loaded.latent_shape, device)
-                samples = sample_latents(loaded.model, noise, y, args.sampler, args.num_sampling_steps, args.cfg_scale,
+                samples = sample_latents(loaded.model, noise, y, loaded.sampler, loaded.steps, args.cfg_scale,
                                          args.guidance, args.guidance_interval, spacing=args.solver_spacing)
                 for i, image in zip(batch, to_uint8(decode(loaded.vae, samples, loaded.scaling_factor))):
                     with atomic_write(png(i)) as f:  # a PNG under its final name is always complete

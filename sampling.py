@@ -1,12 +1,12 @@
 """
 What sample.py and sample_ddp.py share: turning the sampling flags into a ready model and
-autoencoder, the per-image random streams, and the three samplers. Checkpoints themselves are
-read in checkpoints.py.
+autoencoder, the per-image random streams, and the samplers: three for DDPM models, three for
+flow models (SiT's objective, diffusion/flow.py). Checkpoints themselves are read in checkpoints.py.
 
     from sampling import ImageNoise, load_model, sample_latents
-    loaded = load_model(args, "cuda", default_vae="mse")   # --ckpt, --model, --image-size, --vae, ...
+    loaded = load_model(args, "cuda", default_vae="mse")   # --ckpt, --model, --image-size, --vae, --sampler, ...
     noise = ImageNoise(seed=0, indices=range(8), shape=loaded.latent_shape, device="cuda")
-    z = sample_latents(loaded.model, noise, y, "dpm-solver", 20, cfg_scale=4.0)
+    z = sample_latents(loaded.model, noise, y, loaded.sampler, loaded.steps, cfg_scale=4.0)
     images = decode(loaded.vae, z, loaded.scaling_factor)
 """
 import argparse
@@ -22,6 +22,7 @@ from checkpoints import (RELEASED_CHECKPOINTS, Checkpoint, CheckpointError, Mode
                          resolve_spec)
 from diffusion import create_diffusion
 from diffusion.dpm_solver import DPMSolver, Spacing, solver_timesteps
+from diffusion.flow import FlowMatching, ODESolver
 from diffusion.respace import space_timesteps
 from files import UserError
 from models import DiT_models, Guidance
@@ -29,9 +30,20 @@ from vae import downsampling_factor, load_vae, scaling_factor
 
 
 class Sampler(enum.Enum):
+    # For DDPM models (DiT's objective):
     DDPM = "ddpm"  # ancestral sampling with the learned variances (DiT's)
     DDIM = "ddim"  # deterministic DDIM, eta = 0
     DPM_SOLVER = "dpm-solver"  # deterministic multistep DPM-Solver++ (2M), diffusion/dpm_solver.py
+    # For flow models (SiT's linear flow with velocity prediction), diffusion/flow.py:
+    EULER = "euler"  # the probability-flow ODE, Euler steps
+    HEUN = "heun"  # the same, Heun's steps (SiT's fixed-step heun2)
+    SDE = "sde"  # SiT's SDE sampler as its sample.py runs it by default (Euler-Maruyama)
+
+
+# Which samplers fit which objective (a checkpoint's objective["objective"]), the first its default:
+# DiT's ddpm, and SiT's sde (its FID setting).
+OBJECTIVE_SAMPLERS = {"ddpm": (Sampler.DDPM, Sampler.DDIM, Sampler.DPM_SOLVER),
+                      "flow": (Sampler.SDE, Sampler.EULER, Sampler.HEUN)}
 
 
 class SamplingError(UserError, ValueError):
@@ -40,8 +52,10 @@ class SamplingError(UserError, ValueError):
 
 
 # Steps when --num-sampling-steps is not given: DiT's 250 for DDPM; where DDIM and the solver get
-# close to that quality.
-DEFAULT_STEPS = {Sampler.DDPM: 250, Sampler.DDIM: 50, Sampler.DPM_SOLVER: 20}
+# close to that quality. SiT's 250 for its SDE (its FID setting); the ODE solvers at about 100 model
+# evaluations (Euler 100 grid times, Heun 50: SiT's ODE count, with 2 evaluations per interval).
+DEFAULT_STEPS = {Sampler.DDPM: 250, Sampler.DDIM: 50, Sampler.DPM_SOLVER: 20,
+                 Sampler.EULER: 100, Sampler.HEUN: 50, Sampler.SDE: 250}
 
 
 #################################################################################
@@ -59,6 +73,9 @@ class SamplingModel:
     vae: torch.nn.Module  # the AutoencoderKL, None in pixel space
     latent_shape: tuple  # (C, H, W) of one sample in the model's space
     scaling_factor: float  # what latents were multiplied by before training
+    objective: str  # "ddpm" or "flow": what the model predicts
+    sampler: Sampler  # --sampler, or the objective's default
+    steps: int  # --num-sampling-steps, or the sampler's default
 
 
 def latent_geometry(spec, vae):
@@ -79,17 +96,46 @@ def latent_geometry(spec, vae):
     return channels, spec.image_size // down
 
 
+def choose_sampler(ckpt, sampler=None, steps=None):
+    """
+    The sampler for a checkpoint's objective: `sampler` if it fits, else the objective's default. A
+    plain state_dict does not record its objective: it is taken as DDPM unless a flow sampler is asked for.
+
+    :param sampler: a Sampler, its value or None; steps: the step count, or None for the sampler's default.
+    :return: (objective name, Sampler, steps).
+    :raises SamplingError: the sampler is for the other objective (the message names both), or too few steps.
+    """
+    sampler = None if sampler is None else Sampler(sampler)
+    objective = ckpt.objective["objective"]
+    if not ckpt.objective_recorded and sampler in OBJECTIVE_SAMPLERS["flow"]:
+        objective = "flow"
+    fitting = OBJECTIVE_SAMPLERS[objective]
+    if sampler is None:
+        sampler = fitting[0]
+    elif sampler not in fitting:
+        names = {"ddpm": "DDPM", "flow": "flow"}
+        other = names["flow" if objective == "ddpm" else "ddpm"]
+        hint = " (SiT's released weights: --ckpt SiT-XL-2-256x256.pt)" if objective == "ddpm" else ""
+        raise SamplingError(f"{ckpt.path} holds a {names[objective]} model; --sampler {sampler.value} is for {other} "
+                            f"models: use {', '.join(s.value for s in fitting)}{hint}")
+    steps = DEFAULT_STEPS[sampler] if steps is None else steps
+    if objective == "flow" and steps < 2:
+        raise SamplingError(f"--sampler {sampler.value} needs --num-sampling-steps >= 2 (times from 0 to 1), got {steps}")
+    return objective, sampler, steps
+
+
 def load_model(args, device, default_vae, first=contextlib.nullcontext):
     """
     The model the sampling flags ask for: --ckpt (default: the released DiT-XL/2 checkpoint for
     --image-size), reconciled with --model, --image-size, --vae and --num-classes, the autoencoder,
-    and the strictly loaded EMA weights. `args` is left as it is: the file used is the result's ckpt.path.
+    the strictly loaded EMA weights, and the sampler for the checkpoint's objective (--sampler,
+    --num-sampling-steps). `args` is left as it is: the file used is the result's ckpt.path.
 
     :param default_vae: the autoencoder when neither the flag nor the checkpoint names one.
     :param first: a context manager under which the downloads happen (one process first, the rest
                   wait: accelerate's main_process_first).
     :return: a SamplingModel.
-    :raises CheckpointError, DownloadError, VAEError.
+    :raises CheckpointError, DownloadError, VAEError, SamplingError.
     """
     source = args.ckpt
     if source is None:
@@ -102,11 +148,12 @@ def load_model(args, device, default_vae, first=contextlib.nullcontext):
     with first():
         ckpt = load_checkpoint(source)
         spec = resolve_spec(ckpt, args.model, args.image_size, args.vae, args.num_classes, default_vae=default_vae)
+        objective, sampler, steps = choose_sampler(ckpt, args.sampler, args.num_sampling_steps)
         vae = load_vae(spec.vae, device)
     channels, size = latent_geometry(spec, vae)
     model = build_model(spec, ckpt, channels, size, device)
     scale = spec.scaling_factor if spec.scaling_factor is not None else scaling_factor(vae)
-    return SamplingModel(ckpt, spec, model, vae, (channels, size, size), scale)
+    return SamplingModel(ckpt, spec, model, vae, (channels, size, size), scale, objective, sampler, steps)
 
 
 #################################################################################
@@ -166,10 +213,14 @@ def add_sampling_args(parser, cfg_scale, vae):
                         help="ema, mse, a hub id, a save_pretrained folder, or none (pixel space); "
                              f"default: the checkpoint's, else {vae}")
     parser.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else 1000")
-    parser.add_argument("--sampler", choices=[s.value for s in Sampler], default=Sampler.DDPM.value,
-                        help="ddpm (DiT's), ddim (eta 0) or dpm-solver (DPM-Solver++ 2M)")
+    parser.add_argument("--sampler", choices=[s.value for s in Sampler], default=None,
+                        help="for DDPM models: ddpm (DiT's), ddim (eta 0) or dpm-solver (DPM-Solver++ 2M); for flow "
+                             "models (SiT's objective): sde (SiT's Euler-Maruyama), euler or heun (the ODE). "
+                             "Default: the checkpoint's objective's first (ddpm, sde)")
     parser.add_argument("--num-sampling-steps", type=int, default=None,
-                        help="model evaluations per image (doubled batch under guidance); default: "
+                        help="ddpm, ddim, dpm-solver, sde: model evaluations per image (doubled batch under "
+                             "guidance); euler, heun: times on SiT's grid from 0 to 1, so N - 1 steps of 1 (euler) "
+                             "or 2 (heun) evaluations. Default: "
                              + ", ".join(f"{s.value} {n}" for s, n in DEFAULT_STEPS.items()))
     parser.add_argument("--solver-spacing", choices=[s.value for s in Spacing], default=Spacing.LOGSNR.value,
                         help="dpm-solver's time grid: logsnr (uniform in log-SNR; the more accurate at 20 steps "
@@ -180,21 +231,21 @@ def add_sampling_args(parser, cfg_scale, vae):
                         help="dit: guide the first 3 latent channels as DiT's code (and its FIDs) does; "
                              "all: every channel")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("T_LO", "T_HI"), default=None,
-                        help="guide only at timesteps T_LO <= t <= T_HI of the 1000-step process")
+                        help="guide only at times T_LO <= t <= T_HI: timesteps of the 1000-step process for "
+                             "DDPM models (999 is noise), the flow's t in [0, 1] for flow models (0 is noise)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="TF32 matmuls on Ampere+ GPUs (faster; DiT's sample_ddp.py default)")
 
 
 def check_sampling_args(parser, args):
-    """Fill in args.num_sampling_steps; impossible settings end in parser.error."""
-    sampler = Sampler(args.sampler)
-    if args.num_sampling_steps is None:
-        args.num_sampling_steps = DEFAULT_STEPS[sampler]
-    if not 1 <= args.num_sampling_steps <= 1000:
-        parser.error(f"--num-sampling-steps must be in 1..1000, got {args.num_sampling_steps}")
-    if sampler is Sampler.DDIM:
+    """Impossible settings end in parser.error (the sampler and its steps are settled with the checkpoint:
+    choose_sampler)."""
+    steps = args.num_sampling_steps
+    if steps is not None and not 1 <= steps <= 1000:
+        parser.error(f"--num-sampling-steps must be in 1..1000, got {steps}")
+    if args.sampler == Sampler.DDIM.value and steps is not None:
         try:
-            space_timesteps(1000, f"ddim{args.num_sampling_steps}")  # raises if no integer stride gives that count
+            space_timesteps(1000, f"ddim{steps}")  # raises if no integer stride gives that count
         except ValueError as e:
             parser.error(str(e))
     if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:
@@ -209,10 +260,10 @@ def sample_latents(model, noise, y, sampler, steps, cfg_scale=1.0, guidance=Guid
 
     :param model: a DiT in eval mode.
     :param noise: a callable returning [N x C x H x W] standard normal noise, usually an ImageNoise:
-                  its first draw is the starting noise; DDPM draws its per-step noise from it too, so
-                  with an ImageNoise every image depends on its own stream only.
+                  its first draw is the starting noise; DDPM and the SDE draw their per-step noise from
+                  it too, so with an ImageNoise every image depends on its own stream only.
     :param y: [N] int64 class labels on the model's device, or None for an unconditional model.
-    :param sampler: a Sampler (or its value); steps: its number of model evaluations.
+    :param sampler: a Sampler (or its value) that fits the model's objective; steps: as --num-sampling-steps.
     :param cfg_scale: guidance scale; 1 samples without guidance (a plain conditional pass).
     :param guidance: a Guidance: which channels are guided. interval: (t_lo, t_hi) or None.
     :param spacing: a Spacing (or its value): the dpm-solver's time grid; other samplers ignore it.
@@ -248,10 +299,18 @@ def sample_latents(model, noise, y, sampler, steps, cfg_scale=1.0, guidance=Guid
         diffusion = create_diffusion(f"ddim{steps}", learn_sigma=learn_sigma)
         x = diffusion.ddim_sample_loop(model_fn, z.shape, noise=z, clip_denoised=False, model_kwargs=kwargs,
                                        device=z.device, progress=progress, eta=0.0)
-    else:
+    elif sampler is Sampler.DPM_SOLVER:
         alphas_cumprod = create_diffusion("", learn_sigma=learn_sigma).alphas_cumprod
         solver = DPMSolver(alphas_cumprod, solver_timesteps(alphas_cumprod, steps, spacing))
         x = solver.sample(model_fn, z, model_kwargs=kwargs, progress=progress)
+    elif sampler is Sampler.SDE:
+        def step_noise():  # each image's next draw, repeated over the null-label half under guidance
+            return torch.cat([noise()] * (len(z) // n), dim=0)
+
+        x = FlowMatching().sample_sde(model_fn, z, step_noise, steps, model_kwargs=kwargs, progress=progress)
+    else:
+        x = FlowMatching().sample_ode(model_fn, z, steps, ODESolver(sampler.value), model_kwargs=kwargs,
+                                      progress=progress)
     return x[:n]
 
 

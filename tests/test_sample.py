@@ -382,6 +382,51 @@ def test_sample_ddp_full_disk_is_one_line(plain_ckpt, tmp_path, monkeypatch, cap
     assert os.listdir(run_folder(str(tmp_path))) == ["settings.json"]
 
 
+def flow_checkpoint(path):
+    """train_checkpoint's file, recording SiT's flow objective as train.py --objective flow does."""
+    data = torch.load(train_checkpoint(path, small_state_dict()), weights_only=True)
+    torch.save(dict(data, objective=checkpoints.SIT_OBJECTIVE), path)
+    return str(path)
+
+
+def test_the_checkpoints_objective_picks_the_sampler(plain_ckpt, tmp_path):
+    flow, ddpm = flow_checkpoint(tmp_path / "flow.pt"), train_checkpoint(tmp_path / "ddpm.pt", small_state_dict())
+    choose = sampling.choose_sampler
+    assert choose(checkpoints.load_checkpoint(flow)) == ("flow", Sampler.SDE, 250)
+    assert choose(checkpoints.load_checkpoint(ddpm), None, 30) == ("ddpm", Sampler.DDPM, 30)
+    plain = checkpoints.load_checkpoint(plain_ckpt)  # records nothing: DDPM unless a flow sampler is asked for
+    assert choose(plain) == ("ddpm", Sampler.DDPM, 250) and choose(plain, "heun") == ("flow", Sampler.HEUN, 50)
+    with pytest.raises(SamplingError, match=rf"^{flow} holds a flow model; --sampler ddim is for DDPM models: use "
+                                            r"sde, euler, heun$"):
+        sample.main(sample.parse_args(["--ckpt", flow, "--sampler", "ddim", "--output", str(tmp_path / "x.png")])[1])
+    with pytest.raises(SamplingError, match=rf"^{ddpm} holds a DDPM model; --sampler euler is for flow models: use "
+                                            r"ddpm, ddim, dpm-solver \(SiT's released weights: --ckpt SiT-XL-2"):
+        choose(checkpoints.load_checkpoint(ddpm), "euler")
+    with pytest.raises(SamplingError, match="--sampler sde needs --num-sampling-steps >= 2"):
+        choose(plain, "sde", 1)
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_flow_guidance_interval_is_in_the_flows_time():
+    model = tiny_dit()
+    guided = _sample(model, Sampler.EULER, 6, cfg_scale=4.0)
+    for interval, expected in [((2.0, 3.0), _sample(model, Sampler.EULER, 6)), ((0.0, 1.0), guided)]:
+        torch.testing.assert_close(_sample(model, Sampler.EULER, 6, cfg_scale=4.0, interval=interval), expected)
+    assert (_sample(model, Sampler.EULER, 6, cfg_scale=4.0, interval=(0.5, 1.0)) - guided).abs().max() > 1e-4
+
+
+def test_sample_ddp_records_a_flow_checkpoints_objective_and_sampler(tmp_path):
+    out = str(tmp_path / "samples")
+    args = [a for a in DDP if a not in ("--sampler", "dpm-solver")]
+    sample_ddp_main(args + ["--ckpt", flow_checkpoint(tmp_path / "flow.pt"), "--sample-dir", out,
+                            "--num-sampling-steps", "4", "--num-fid-samples", "2"])
+    folder = run_folder(out)
+    assert folder.endswith("-cfg-2.0-sde-4-seed-0") and len(pngs(folder)) == 2
+    with open(os.path.join(folder, "settings.json")) as f:
+        settings = json.load(f)
+    assert (settings["objective"], settings["sampler"], settings["num_sampling_steps"]) == ("flow", "sde", 4)
+
+
 def test_solver_spacing_reaches_the_sampler_and_names_the_run(plain_ckpt):
     _, args = sample_ddp.parse_args(DDP + ["--ckpt", plain_ckpt, "--solver-spacing", "time"])
     loaded = sampling.load_model(args, "cpu", default_vae="ema")
