@@ -93,6 +93,10 @@ def test_non_finite_weights_are_refused_before_sampling(tmp_path):
     ckpt = checkpoints.load_checkpoint(train_checkpoint(tmp_path / "0000100.pt", ema))
     with pytest.raises(CheckpointError, match=r"0000100.pt: final_layer.linear.bias is not finite \(a diverged run\)"):
         checkpoints.build_model(checkpoints.resolve_spec(ckpt), ckpt, 3, 8, "cpu")
+    # Finite weights whose sum overflows are finite all the same; a NaN among them is not.
+    checkpoints.require_finite({"w": torch.tensor([3e38, 3e38])}, "big")
+    with pytest.raises(CheckpointError, match="^nan: w is not finite"):
+        checkpoints.require_finite({"w": torch.tensor([3e38, float("nan")])}, "nan")
 
 
 def test_vae_presets_decode_each_other():
