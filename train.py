@@ -9,14 +9,23 @@ Train a DiT on a latent store written by extract_features.py.
     accelerate launch --config_file configs/fsdp.yaml train.py --model DiT-XL/2 --features-path features/imagenet256
     python train.py --model DiT-XL/2 --features-path features/imagenet256 --gradient-accumulation-steps 4
     python train.py --model DiT-S/2 --features-path features/imagenet256 --resume auto
+    python train.py --model DiT-XL/2 --features-path features/imagenet256 --objective flow --time-sampling logit-normal
+    python train.py --model DiT-XL/2 --features-path features/imagenet256-dinov2 --objective flow \
+        --repa-encoder vit_base_patch14_dinov2.lvd142m --repa-depth 8 --repa-coeff 0.5
 
 The model is built to fit the store (latent channels and size, class count); defaults are the paper's
 (AdamW at a constant 1e-4 without weight decay, global batch 256, EMA 0.9999, label dropout 0.1,
-1000-step linear diffusion with learned sigma). Unlike DiT's and fast-DiT's train.py: bf16 autocast
-unless the flag or accelerate's launcher/config says otherwise (float32 master weights, optimizer
-state and EMA), the logged loss is the true global mean, the batch may be accumulated, checkpoints
-resume exactly, and a non-finite step never reaches the weights (--on-nonfinite). The run folder, its
-lock, resuming and branching, log.txt and stats.jsonl are runs.py's.
+1000-step linear diffusion with learned sigma). `--objective flow` trains SiT's linear flow with
+velocity prediction instead (the same DiT, its learned-sigma channels unused), `--time-sampling
+logit-normal` draws its t as SD3 and LightningDiT, and `--repa-encoder` adds REPA's alignment of one
+block's tokens with an encoder's patch tokens, read from the store (extract_features.py computed
+them). The checkpoint records the objective, so the sampling scripts pick its samplers.
+
+Unlike DiT's and fast-DiT's train.py: bf16 autocast unless the flag or accelerate's launcher/config
+says otherwise (float32 master weights, optimizer state and EMA), the logged loss is the true global
+mean, the batch may be accumulated, checkpoints resume exactly, and a non-finite step never reaches
+the weights (--on-nonfinite). The run folder, its lock, resuming and branching, log.txt and
+stats.jsonl are runs.py's.
 """
 import argparse
 import dataclasses
@@ -30,6 +39,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, reduce
 from torch.utils.data import DataLoader
@@ -38,14 +48,25 @@ from tqdm import tqdm
 import runs
 from checkpoints import (CheckpointError, check_compatible, require_finite, rng_state, save_checkpoint,
                          set_rng_state, training_checkpoint)
-from diffusion import create_diffusion
+from diffusion import Objective, TimeSampling, create_objective
 from files import UserError, run_script
 from latents import LatentDataset
-from models import DiT_models, forward_flops_per_image
+from models import DiT_models, Projector, alignment_loss, forward_flops_per_image
 
 
 class TrainError(UserError, ValueError):
     """A user error: bad flags, a model that does not fit the store, a checkpoint that does not fit."""
+
+
+@dataclasses.dataclass
+class Alignment:
+    """REPA's settings for a run: the block whose output tokens are aligned with the encoder's."""
+
+    depth: int  # the aligned block, counted from 1 (REPA: 8 of DiT-XL/2's 28)
+    coeff: float  # the alignment loss's weight (REPA's lambda)
+    feature_dim: int  # the encoder's token width
+    projector_dim: int  # the projector MLP's hidden width
+    pool: int  # the encoder's tokens are averaged over pool x pool squares to give the DiT's token grid
 
 
 @dataclasses.dataclass
@@ -59,13 +80,21 @@ class Training:
     names: list  # parameter names, in the order of params and ema
     params: list  # the DiT's parameters (FSDP2 shards under FSDP)
     ema: list  # float32 copies of params, sharded like them
+    projector: torch.nn.Module = None  # REPA's projector as accelerate prepared it; None without REPA
+    hidden: dict = None  # "tokens": the aligned block's output in the current forward pass (REPA)
+
+    @property
+    def modules(self):
+        """What the optimizer updates: the model, and the projector under REPA."""
+        return [self.model] + ([self.projector] if self.projector is not None else [])
 
 
 def make_training(accelerator, model_config, lr, warmup_steps=0, grad_checkpointing=False, compile=False,
-                  state_dict=None):
+                  state_dict=None, alignment=None, projector_state=None):
     """
-    Build the model (with `state_dict`'s weights when given), DiT's AdamW (no weight decay; the fused
-    kernel on CUDA where it applies, not on FSDP's DTensors), the linear-warmup schedule and the EMA,
+    Build the model (with `state_dict`'s weights when given), REPA's projector when `alignment` is given
+    (with `projector_state`'s weights when given), DiT's AdamW over both (no weight decay; the fused kernel
+    on CUDA where it applies, not on FSDP's DTensors), the linear-warmup schedule and the EMA of the DiT,
     and let accelerate wrap them.
     """
     fsdp = accelerator.distributed_type == DistributedType.FSDP
@@ -74,18 +103,29 @@ def make_training(accelerator, model_config, lr, warmup_steps=0, grad_checkpoint
     assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}  # the EMA holds parameters only
     if state_dict is not None:
         model.load_state_dict(state_dict)
+    hidden = projector = None
+    if alignment is not None:
+        # The aligned block's output, caught by a hook: the DiT's forward and its keys stay as they are.
+        hidden = {}
+        model.blocks[alignment.depth - 1].register_forward_hook(lambda block, inputs, out: hidden.update(tokens=out))
+        projector = Projector(model.pos_embed.shape[-1], alignment.feature_dim, alignment.projector_dim)
+        if projector_state is not None:
+            projector.load_state_dict(projector_state)
     if compile:
         for block in model.blocks:  # regional compilation: short compile, module names unchanged
             block.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0,
-                            fused=accelerator.device.type == "cuda" and not fsdp)
-    model, opt = accelerator.prepare(model, opt)
+    trained = list(model.parameters()) + (list(projector.parameters()) if projector is not None else [])
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0, fused=accelerator.device.type == "cuda" and not fsdp)
+    if projector is not None:
+        model, projector, opt = accelerator.prepare(model, projector, opt)
+    else:
+        model, opt = accelerator.prepare(model, opt)
     raw = accelerator.unwrap_model(model)
     names, params = zip(*raw.named_parameters())
     ema = [p.detach().clone().float() for p in params]
     warmup = max(warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    return Training(model, raw, opt, scheduler, list(names), list(params), ema)
+    return Training(model, raw, opt, scheduler, list(names), list(params), ema, projector, hidden)
 
 
 def restore(training, ckpt, accelerator, lr, seed, notes):
@@ -130,7 +170,7 @@ def full_tensor(t):
     return t.detach().cpu()
 
 
-def checkpoint_state(training, accelerator, step, model_config, meta, train_config, parent):
+def checkpoint_state(training, accelerator, step, model_config, meta, train_config, parent, objective):
     """This run's checkpoint (every process takes part: FSDP gathers shards, RNG states are gathered)."""
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -138,49 +178,69 @@ def checkpoint_state(training, accelerator, step, model_config, meta, train_conf
                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         opt_state = training.opt.state_dict()
+    projector = None
+    if training.projector is not None:
+        projector = {n: full_tensor(p) for n, p in accelerator.unwrap_model(training.projector).named_parameters()}
     return training_checkpoint(
         step=step, model={n: full_tensor(p) for n, p in zip(training.names, training.params)},
         ema={n: full_tensor(e) for n, e in zip(training.names, training.ema)}, opt=opt_state,
         scheduler=training.scheduler.state_dict(), model_config=model_config, latents=meta,
-        train_config=train_config, rng_states=gather_object([rng_state()]), parent=parent)
+        train_config=train_config, rng_states=gather_object([rng_state()]), parent=parent, objective=objective,
+        projector=projector)
 
 
-def train_step(accelerator, training, diffusion, x, y, max_norm, decay, micro_batches=1):
+def train_step(accelerator, training, objective, x, y, max_norm, decay, micro_batches=1, z=None, alignment=None):
     """
     One optimisation step on this process's batch, then the EMA update, unless the step is not finite.
     Timesteps, noise and label dropout are drawn per sample for the whole batch before it is split
     into `micro_batches` (accumulated without gradient sync), so accumulating changes no draw.
 
+    :param objective: what diffusion.create_objective returns.
     :param x: [B x C x H x W] inputs, y: [B] labels, on the device.
     :param max_norm: clip the global gradient norm to this; inf only measures it (gradients x 1).
-    :return: (whether the step was taken, then the global gradient norm, loss sums and sample counts per
-             timestep quartile: the step's figures over all processes, as runs.Interval.add takes them).
+    :param z: [B x T' x F] the encoder's patch tokens of x (REPA), T' = alignment.pool^2 x the DiT's tokens.
+    :param alignment: an Alignment (REPA), or None.
+    :return: (whether the step was taken, then the global gradient norm, loss sums, sample counts and
+             alignment-loss sums per timestep quartile: the step's figures over all processes).
     """
     model, raw = training.model, training.raw
-    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
+    t = objective.sample_time(x.shape[0], x.device)
     noise = torch.randn_like(x)
     kwargs = {}
     if raw.y_embedder is not None:
         drop = (torch.rand(x.shape[0], device=x.device) < raw.y_embedder.dropout_prob).long()
         kwargs = dict(y=y, force_drop_ids=drop)
-    losses = []
+    if alignment is not None and alignment.pool > 1:  # the encoder's finer grid, averaged to the DiT's
+        grid = math.isqrt(z.shape[1])
+        z = z.unflatten(1, (grid, grid)).permute(0, 3, 1, 2)                 # (B, F, g', g')
+        z = F.avg_pool2d(z, alignment.pool).flatten(2).transpose(1, 2)      # (B, T, F)
+    losses, aligns = [], []
     for i in torch.arange(x.shape[0], device=x.device).chunk(micro_batches):
-        with accelerator.accumulate(model):  # syncs gradients on the last micro-batch only
-            micro = diffusion.training_losses(model, x[i], t[i], {k: v[i] for k, v in kwargs.items()},
+        with accelerator.accumulate(*training.modules):  # syncs gradients on the last micro-batch only
+            micro = objective.training_losses(model, x[i], t[i], {k: v[i] for k, v in kwargs.items()},
                                               noise=noise[i])["loss"]  # (B / micro_batches,) float32
-            accelerator.backward(micro.mean())  # accelerate divides by the micro-batch count
+            loss = micro
+            if alignment is not None:
+                projected = training.projector(training.hidden.pop("tokens"))        # (b, T, F)
+                align = alignment_loss(projected.float(), z[i])                       # (b,)
+                loss = micro + alignment.coeff * align
+                aligns.append(align.detach())
+            accelerator.backward(loss.mean())  # accelerate divides by the micro-batch count
         losses.append(micro.detach())
     losses = torch.cat(losses).double()  # (B,)
-    grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm), device=x.device)
-    quartile = (t * 4 // diffusion.num_timesteps).long()  # (B,)
-    per_quartile = torch.zeros(2, 4, device=x.device, dtype=torch.float64).index_add_(
-        1, quartile, torch.stack([losses, torch.ones_like(losses)]))  # (2, 4): loss sums, sample counts
+    aligns = torch.cat(aligns).double() if aligns else torch.zeros_like(losses)  # (B,)
+    trained = [p for module in training.modules for p in module.parameters()]
+    grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(trained, max_norm), device=x.device)
+    quartile = objective.noise_quartile(t)  # (B,)
+    per_quartile = torch.zeros(3, 4, device=x.device, dtype=torch.float64).index_add_(
+        1, quartile, torch.stack([losses, torch.ones_like(losses), aligns]))  # (3, 4): loss, count, alignment sums
     # The step's one host sync, its global figures: a non-finite step must not reach the weights, and every
     # process decides on the same reduced figures. Under fp16 the grad scaler skips overflowing steps
     # itself (an inf norm is how it finds its scale), so only the loss counts there.
     local = torch.cat([grad_norm.double()[None] / accelerator.num_processes, per_quartile.flatten()])
     grad_norm, *sums = reduce(local, "sum").tolist()
-    taken = math.isfinite(sum(sums[:4])) and (accelerator.scaler is not None or math.isfinite(grad_norm))
+    taken = math.isfinite(sum(sums[:4]) + sum(sums[8:])) and (accelerator.scaler is not None
+                                                              or math.isfinite(grad_norm))
     if taken:
         training.opt.step()
     training.scheduler.step()
@@ -189,7 +249,7 @@ def train_step(accelerator, training, diffusion, x, y, max_norm, decay, micro_ba
         with torch.no_grad():
             torch._foreach_mul_(training.ema, decay)
             torch._foreach_add_(training.ema, [p.detach() for p in training.params], alpha=1 - decay)
-    return taken, grad_norm, sums[:4], sums[4:]
+    return taken, grad_norm, sums[:4], sums[4:8], sums[8:]
 
 
 def make_accelerator(args):
@@ -219,9 +279,10 @@ def make_accelerator(args):
 
 
 def open_store(args):
-    """:return: the dataset and the model configuration that fits it."""
+    """:return: the dataset, the model configuration that fits it, and REPA's Alignment (None without)."""
     try:
-        dataset = LatentDataset(args.features_path, flip=args.flip, seed=args.global_seed)
+        dataset = LatentDataset(args.features_path, flip=args.flip, seed=args.global_seed,
+                                repa=args.repa_encoder is not None)
     except (FileNotFoundError, ValueError) as e:
         raise TrainError(str(e)) from e
     channels, size, width = dataset.meta["latent_shape"]
@@ -235,7 +296,32 @@ def open_store(args):
     model_config = dict(model=args.model, input_size=size, in_channels=channels,
                         num_classes=dataset.meta["num_classes"], learn_sigma=True,
                         class_dropout_prob=args.class_dropout_prob)
-    return dataset, model_config
+    return dataset, model_config, alignment_for(args, dataset.meta, size // patch)
+
+
+def alignment_for(args, meta, grid):
+    """
+    REPA's settings from the flags and the store's encoder features (meta["repa"]), for a DiT with a
+    grid x grid token grid. :return: an Alignment, or None without --repa-encoder.
+    :raises TrainError: the store holds another encoder's features, the block is beyond the model's
+            depth, or the encoder's token grid is not the DiT's or a whole multiple of it.
+    """
+    if args.repa_encoder is None:
+        return None
+    features = meta["repa"]
+    if features["encoder"] != args.repa_encoder:
+        raise TrainError(f"--repa-encoder {args.repa_encoder}: the store {args.features_path} holds the features of "
+                         f"{features['encoder']}; pass that name or extract the features of this encoder")
+    with torch.device("meta"):
+        depth = len(DiT_models[args.model](input_size=grid * int(args.model.rsplit("/", 1)[1])).blocks)
+    if args.repa_depth > depth:
+        raise TrainError(f"--repa-depth {args.repa_depth} is beyond {args.model}'s {depth} blocks")
+    rows, cols = features["grid"]
+    if rows != cols or rows % grid:
+        raise TrainError(f"{args.repa_encoder}'s {rows}x{cols} token grid cannot be matched to {args.model}'s "
+                         f"{grid}x{grid} tokens (it must be the same grid or a whole multiple of it): extract the "
+                         f"features with another --repa-input-size, or choose a --model of another patch size")
+    return Alignment(args.repa_depth, args.repa_coeff, features["dim"], args.repa_projector_dim, rows // grid)
 
 
 def save(training, accelerator, step, ckpt_dir, args, guard, *fixed):
@@ -247,6 +333,8 @@ def save(training, accelerator, step, ckpt_dir, args, guard, *fixed):
     try:
         require_finite(data["model"], f"step {step}'s weights")
         require_finite(data["ema"], f"step {step}'s EMA weights")
+        if data["projector"] is not None:
+            require_finite(data["projector"], f"step {step}'s REPA projector")
     except CheckpointError as e:
         raise guard.stop(str(e)) from e
     path = save_checkpoint(data, ckpt_dir, args.ckpt_keep_last, args.ckpt_keep_every) \
@@ -261,7 +349,10 @@ def main(args):
     torch.backends.cuda.matmul.allow_tf32 = True  # as DiT: faster float32 matmuls on Ampere and later
     torch.backends.cudnn.allow_tf32 = True
 
-    dataset, model_config = open_store(args)
+    dataset, model_config, alignment = open_store(args)
+    if alignment is not None and accelerator.distributed_type == DistributedType.FSDP:
+        raise TrainError("--repa-encoder is not supported under FSDP yet: train with DDP (accelerate's default)")
+    objective = create_objective(args.objective, args.time_sampling)
     meta = dataset.meta
     steps_per_epoch = len(dataset) // args.global_batch_size
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
@@ -280,13 +371,13 @@ def main(args):
         np.random.seed(seed % 2**32)
         random.seed(seed)
         training = make_training(accelerator, model_config, args.lr, args.warmup_steps, args.grad_checkpointing,
-                                 args.compile, state_dict=ckpt["model"] if ckpt else None)
+                                 args.compile, state_dict=ckpt["model"] if ckpt else None, alignment=alignment,
+                                 projector_state=ckpt.get("projector") if ckpt else None)
         if ckpt is not None:
             restore(training, ckpt, accelerator, args.lr, seed, notes)
         training.model.train()
         flops_per_image = 3 * forward_flops_per_image(training.raw)
 
-        diffusion = create_diffusion(timestep_respacing="")
         sampler = runs.EpochBatches(len(dataset), args.global_batch_size, rank, world, args.global_seed)
         # Its own generator, so creating an iterator never draws from the global RNG (exact resume).
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
@@ -303,6 +394,10 @@ def main(args):
                  f"({accelerator.distributed_type.value}) on {device.type}, {args.global_batch_size // world} images "
                  f"per process per step in {args.gradient_accumulation_steps} micro-batch(es), {steps_per_epoch} "
                  f"steps per epoch, {max_steps} steps; mixed precision {precision} (from {precision_source})")
+        log.info(f"objective {args.objective}" + (f", t drawn {args.time_sampling}" if args.objective == "flow" else "")
+                 + (f"; REPA: block {alignment.depth} aligned with {args.repa_encoder}'s {meta['repa']['dim']}-wide "
+                    f"tokens (averaged {alignment.pool}x{alignment.pool}), coefficient {alignment.coeff}"
+                    if alignment else ""))
         if accelerator.distributed_type != DistributedType.FSDP and os.environ.get("ACCELERATE_USE_FSDP") == "true":
             notes.append("the accelerate config asks for FSDP, which accelerate runs on GPUs only: "
                          f"training without sharding ({accelerator.distributed_type.value})")
@@ -310,7 +405,8 @@ def main(args):
             log.info(note)
 
         step = ckpt["step"] if ckpt else 0
-        interval, max_norm = runs.Interval(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+        interval = runs.Interval(aligned=alignment is not None)
+        max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
         t_start, start_step, guard = time.time(), step, runs.NonFinite(args.on_nonfinite, run.ckpt_path)
         bar = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process or args.no_progress,
                    dynamic_ncols=True, mininterval=2.0)
@@ -318,19 +414,20 @@ def main(args):
             epoch = step // steps_per_epoch
             sampler.set_epoch(epoch, start=step % steps_per_epoch)
             dataset.set_epoch(epoch)
-            for x, y in loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            for batch in loader:  # (x, y), and z under REPA
+                x, y, *z = (b.to(device, non_blocking=True) for b in batch)
                 decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
-                taken, *figures = train_step(accelerator, training, diffusion, x, y, max_norm, decay,
-                                             args.gradient_accumulation_steps)
+                taken, grad_norm, loss_sums, samples, align_sums = train_step(
+                    accelerator, training, objective, x, y, max_norm, decay, args.gradient_accumulation_steps,
+                    z=z[0] if z else None, alignment=alignment)
                 step += 1
                 bar.update(1)
                 if taken:
-                    interval.add(*figures)
+                    interval.add(grad_norm, loss_sums, samples, align_sums)
                     guard.in_a_row = 0
                 else:
                     interval.skipped += 1
-                    log.info(guard.skip(step, *figures))
+                    log.info(guard.skip(step, grad_norm, loss_sums, samples))
                 if step % args.log_every == 0 or step == max_steps:
                     record = dict(step=step, epoch=epoch, **interval.record(args.global_batch_size, args.log_quartiles),
                                   lr=training.scheduler.get_last_lr()[0])
@@ -339,10 +436,10 @@ def main(args):
                     if args.report_to != "none":
                         accelerator.log(record, step=step)
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
-                    interval = runs.Interval()
+                    interval = runs.Interval(aligned=alignment is not None)
                 if step % args.ckpt_every == 0 or step == max_steps:
                     guard.last_good = save(training, accelerator, step, os.path.join(run_dir, "checkpoints"), args,
-                                           guard, model_config, meta, train_config, run.parent)
+                                           guard, model_config, meta, train_config, run.parent, objective.config())
                     log.info(f"saved checkpoint {guard.last_good}")
                 if step >= max_steps:
                     break
@@ -365,6 +462,9 @@ def check_replicas(training, accelerator, log):
         raise RuntimeError(f"model replicas differ after training: {digests}")
     log.info(f"weights identical on all {accelerator.num_processes} processes (sha1 {digests[0][:12]})")
 
+
+# REPA's settings (its paper's), which only --repa-encoder turns on.
+REPA_DEFAULTS = dict(repa_depth=8, repa_coeff=0.5, repa_projector_dim=2048)
 
 # DiT's and fast-DiT's train.py flags for the images; here they belong to extract_features.py.
 IMAGE_FLAGS = ("--data-path", "--image-size", "--num-classes", "--vae")
@@ -410,6 +510,22 @@ def parse_args(argv=None):
     parser.add_argument("--ema-warmup", action="store_true",
                         help="decay min(ema_decay, (1 + step) / (10 + step)): useful for short runs")
     parser.add_argument("--class-dropout-prob", type=float, default=0.1)
+    parser.add_argument("--objective", choices=[o.value for o in Objective], default=Objective.DDPM.value,
+                        help="ddpm: DiT's (noise and learned variance, 1000 steps); flow: SiT's linear flow from "
+                             "noise (t=0) to data (t=1) with velocity prediction")
+    parser.add_argument("--time-sampling", choices=[t.value for t in TimeSampling], default=TimeSampling.UNIFORM.value,
+                        help="flow's t: uniform in [0, 1] (SiT), or logit-normal: sigmoid of a standard normal "
+                             "(SD3, LightningDiT), which trains the middle of the path most")
+    parser.add_argument("--repa-encoder", default=None,
+                        help="REPA: align a block's tokens with this encoder's patch tokens (a timm name, e.g. "
+                             "vit_base_patch14_dinov2.lvd142m), read from the store: extract_features.py "
+                             "--repa-encoder computes them")
+    parser.add_argument("--repa-depth", type=int, default=REPA_DEFAULTS["repa_depth"],
+                        help="REPA: the block (from 1) whose output is aligned (REPA's 8)")
+    parser.add_argument("--repa-coeff", type=float, default=REPA_DEFAULTS["repa_coeff"],
+                        help="REPA: the alignment loss's weight (REPA's lambda 0.5)")
+    parser.add_argument("--repa-projector-dim", type=int, default=REPA_DEFAULTS["repa_projector_dim"],
+                        help="REPA: the projector MLP's hidden width (REPA's 2048)")
     parser.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")
     parser.add_argument("--mixed-precision", type=str, choices=["bf16", "fp16", "no"], default=None,
                         help="default: what accelerate launch or accelerate config sets, else bf16")
@@ -439,6 +555,15 @@ def parse_args(argv=None):
         parser.error("--ema-decay and --class-dropout-prob must be in [0, 1)")
     if args.num_workers < 0 or args.warmup_steps < 0 or args.ckpt_keep_every < 0:
         parser.error("--num-workers, --warmup-steps and --ckpt-keep-every must be >= 0")
+    if args.objective == Objective.DDPM.value and args.time_sampling != TimeSampling.UNIFORM.value:
+        parser.error(f"--time-sampling {args.time_sampling} is for --objective flow; DDPM draws its 1000 discrete "
+                     f"steps uniformly, as DiT")
+    if args.repa_encoder is None:
+        given = [f"--{k.replace('_', '-')}" for k, v in REPA_DEFAULTS.items() if getattr(args, k) != v]
+        if given:
+            parser.error(f"{', '.join(given)} without --repa-encoder: REPA is off")
+    if args.repa_depth < 1 or args.repa_coeff < 0 or args.repa_projector_dim < 1:
+        parser.error("--repa-depth and --repa-projector-dim must be >= 1, --repa-coeff >= 0")
     if args.results_dir is not None and os.path.exists(args.results_dir) and not os.path.isdir(args.results_dir):
         parser.error(f"--results-dir {args.results_dir} is a file, not a folder")
     return parser, args

@@ -202,8 +202,8 @@ def test_a_diverged_run_keeps_its_good_checkpoints(pixel_store, tmp_path, monkey
     --on-nonfinite skip the steps are skipped and counted, up to runs.MAX_SKIPS_IN_A_ROW in a row."""
     base = ["--mixed-precision", "no", "--ckpt-every", "1", "--ckpt-keep-last", "1", "--log-every", "5"]
 
-    def overflowing_step(accelerator, training, *args):  # a finite step whose update overflows a weight
-        figures = real_step(accelerator, training, *args)
+    def overflowing_step(accelerator, training, *args, **kwargs):  # a finite step whose update overflows a weight
+        figures = real_step(accelerator, training, *args, **kwargs)
         training.params[0].data[0] = math.inf
         return figures
 
@@ -250,14 +250,15 @@ def test_every_process_decides_on_the_global_figures(monkeypatch):
     accelerator = train.Accelerator(cpu=True, mixed_precision="no")
     config = dict(model=MODEL, input_size=4, in_channels=3, num_classes=3, learn_sigma=True, class_dropout_prob=0.1)
     training = train.make_training(accelerator, config, lr=1e-3)
-    diffusion = train.create_diffusion(timestep_respacing="")
+    objective = train.create_objective("ddpm")
     x, y = torch.randn(2, 3, 4, 4), torch.tensor([0, 2])
-    assert train.train_step(accelerator, training, diffusion, x, y, float("inf"), 0.5)[0]  # a finite step is taken
+    assert train.train_step(accelerator, training, objective, x, y, float("inf"), 0.5)[0]  # a finite step is taken
     before = [p.detach().clone() for p in training.params + training.ema]
-    other_process = torch.zeros(9, dtype=torch.float64)
+    other_process = torch.zeros(13, dtype=torch.float64)
     other_process[1] = math.nan  # its loss sum in the first timestep quartile
     monkeypatch.setattr(train, "reduce", lambda local, op: local + other_process)
-    taken, grad_norm, loss_sums, samples = train.train_step(accelerator, training, diffusion, x, y, float("inf"), 0.5)
+    taken, grad_norm, loss_sums, samples, _ = train.train_step(accelerator, training, objective, x, y, float("inf"),
+                                                               0.5)
     assert not taken and math.isfinite(grad_norm) and math.isnan(sum(loss_sums)) and sum(samples) == 2
     assert all(torch.equal(a, b) for a, b in zip(before, training.params + training.ema))
 
