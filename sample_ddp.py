@@ -102,6 +102,7 @@ def main(args):
     state.wait_for_everyone()
     with open(settings_path) as f:
         previous = json.load(f)
+    previous.setdefault("objective", "ddpm")  # folders written before flow models were all DDPM
     if previous != json.loads(json.dumps(settings)):
         changed = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
         if "weights_sha256" in changed:

@@ -364,6 +364,17 @@ def test_sample_ddp_refuses_to_mix_weights_under_one_path(tmp_path, monkeypatch,
     assert checkpoints.weights_digest(small_state_dict(seed=1)) in err
     assert len(pngs(run_folder(out))) == 7
 
+    # A folder written before settings.json recorded the objective (all DDPM then) is continued.
+    torch.save(small_state_dict(seed=0), path)
+    settings_path = os.path.join(run_folder(out), "settings.json")
+    with open(settings_path) as f:
+        settings = json.load(f)
+    with open(settings_path, "w") as f:
+        json.dump({k: v for k, v in settings.items() if k != "objective"}, f)
+    sample_ddp_main(DDP + ["--ckpt", str(path), "--sample-dir", out, "--num-sampling-steps", "2",
+                           "--num-fid-samples", "8"])
+    assert len(pngs(run_folder(out))) == 8
+
 
 def test_sample_ddp_full_disk_is_one_line(plain_ckpt, tmp_path, monkeypatch, capsys):
     """ENOSPC while writing an image: the script's one-line error (exit 1), and no partial file left."""
