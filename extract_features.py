@@ -6,6 +6,7 @@ Encode an image folder once into a latent store (see latents.py) that train.py r
     accelerate launch extract_features.py --data-path /imagenet/train --features-path features/imagenet256 --image-size 256 --vae ema
     python extract_features.py --data-path tiny/train --features-path features/tiny32px --image-size 32 --vae none
     python extract_features.py --fast-dit-path fast-dit/features --features-path features/imagenet256 --image-size 256 --vae ema
+    python extract_features.py --data-path /imagenet/train --features-path features/imagenet256-dinov2 --image-size 256 --vae ema --repa-encoder vit_base_patch14_dinov2.lvd142m --repa-encoder-weights dinov2-b.safetensors
 
 Every image goes through DiT's preprocessing (RGB, ADM center crop, [-1, 1]); it and its mirror
 image are encoded, and the posterior's mean and standard deviation are stored, so training draws a
@@ -23,16 +24,25 @@ logged and listed in meta.json; 16-bit images are scaled to 8 bits. Links in the
 followed as torchvision's ImageFolder follows them; a loop of links is refused, naming the link.
 `--fast-dit-path` converts fast-DiT's `*_features/*.npy` + `*_labels/*.npy` folders (one frozen flip
 and posterior sample per image, already scaled by 0.18215) into a store instead.
+
+`--repa-encoder NAME` (a timm ViT, e.g. vit_base_patch14_dinov2.lvd142m) also stores that frozen
+encoder's patch tokens of both views, for train.py's REPA alignment (sihyun-yu/REPA): the image
+in [0, 1], resized bicubically to --repa-input-size (default REPA's: 224 for 256-px images),
+normalised with the encoder's mean and std, and the encoder's final-norm tokens after its class
+and register tokens, in float16. DINOv2-B at 256 px: 256 tokens x 768 channels x 2 bytes = 384 KiB
+a view, 768 KiB an image (the latents take 4 x 32 x 32 x 2 values x 2 views x 2 bytes = 32 KiB).
 """
 import argparse
 import contextlib
 import glob
+import hashlib
 import os
 import time
 import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, reduce
 from PIL import Image
@@ -277,15 +287,152 @@ def store_lock(path, state):
             holder.close()
 
 
-class Encoder:
-    """Turns a batch of source items into store rows [B x V x K x C x h x w] (float32)."""
+class RepaEncoder:
+    """
+    A frozen timm ViT's patch tokens of our images, as REPA aligns a DiT block with them.
 
-    def __init__(self, vae, source):
-        self.vae = vae
-        self.source = source
+    REPA (sihyun-yu/REPA@67f7145, train.py preprocess_raw_image) feeds DINOv2 the 0..1 image
+    normalised with ImageNet's mean and std, resized with F.interpolate(mode="bicubic") to 224 at
+    256 px, and takes x_norm_patchtokens. We normalise after resizing, with the encoder's own
+    pretrained mean and std (ImageNet's for DINOv2): both steps are linear, so the order changes
+    nothing but rounding. No antialiasing, as REPA (torchvision's tensor Resize would antialias); at
+    the same size the bicubic resize is the identity, to the bit.
+    """
+
+    def __init__(self, model, input_size, prefix_tokens, mean, std):
+        self.model, self.input_size, self.prefix_tokens = model, input_size, prefix_tokens
+        param = next(model.parameters())
+        self.mean = torch.tensor(mean, device=param.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=param.device).view(1, 3, 1, 1)
 
     @torch.no_grad()
     def __call__(self, x):
+        """:param x: [B x 3 x S x S] images in [-1, 1]. :return: [B x T x D] float32 patch tokens."""
+        x = (x.to(self.mean.device) + 1) / 2                                          # (B, 3, S, S) in [0, 1]
+        x = F.interpolate(x, size=(self.input_size,) * 2, mode="bicubic", align_corners=False)  # (B, 3, N, N)
+        x = (x - self.mean) / self.std
+        return self.model.forward_features(x)[:, self.prefix_tokens:].float()      # (B, T, D)
+
+
+def load_repa_encoder(name, weights, input_size, image_size, device):
+    """
+    Build the timm encoder `name` for REPA features, its weights from the file `weights` (a state_dict,
+    as .pth or .safetensors) or, when None, from timm's hub download. timm's own loading resamples a
+    position embedding made for another input size.
+
+    :param input_size: the encoder's input side, or None for REPA's: image_size * 224 / 256 rounded
+           to a multiple of the encoder's patch (224 at 256 px, 448 at 512 px).
+    :return: (RepaEncoder on device, meta["repa"] settings).
+    :raises StoreError: an unknown name, an encoder without a patch grid, an input size that is not a
+            multiple of its patch, weights that do not fit it or are not finite, or no hub.
+    """
+    import timm  # imported here: it loads torchvision and torch._dynamo, seconds that other runs do not pay
+
+    if not timm.is_model(name):
+        raise StoreError(f"--repa-encoder {name} is not a timm model name (e.g. vit_base_patch14_dinov2.lvd142m; "
+                         f"timm.list_models('*dinov2*') lists more)")
+    not_vit = (f"--repa-encoder {name} is not a ViT-like timm encoder with a patch grid (patch_embed.grid_size, "
+               f"num_prefix_tokens): REPA aligns the DiT's tokens with such an encoder's patch tokens")
+    try:  # on the meta device: the structure, no weights
+        with torch.device("meta"):
+            probe = timm.create_model(name, pretrained=False, num_classes=0)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise StoreError(f"--repa-encoder {name}: timm cannot build it ({one_line(e)})") from e
+    patch_embed = getattr(probe, "patch_embed", None)
+    if not all(hasattr(m, a) for m, a in ((patch_embed, "grid_size"), (patch_embed, "patch_size"),
+                                          (probe, "num_prefix_tokens"))):
+        raise StoreError(not_vit)
+    patch = tuple(patch_embed.patch_size)
+    if input_size is None:
+        input_size = max(1, round(image_size * 224 / 256 / max(patch))) * max(patch)
+    if input_size % patch[0] or input_size % patch[1]:
+        raise StoreError(f"--repa-input-size {input_size} is not a multiple of {name}'s patch "
+                         f"{patch[0]}x{patch[1]}")
+    grid, prefix = [input_size // patch[0], input_size // patch[1]], probe.num_prefix_tokens
+
+    heads = probe.pretrained_cfg.get("classifier") or ()
+    model = build_repa_encoder(timm, name, weights, input_size, (heads,) if isinstance(heads, str) else heads)
+    model = model.to(device).eval().requires_grad_(False)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise StoreError(f"--repa-encoder {name}: its weights ({weights or 'from the hub'}) hold non-finite values")
+    with torch.no_grad():  # one blank image: the token layout the store will hold
+        tokens = model.forward_features(torch.zeros(1, 3, input_size, input_size, device=device))
+    if tokens.dim() != 3 or tokens.shape[1] != prefix + grid[0] * grid[1]:
+        raise StoreError(f"{not_vit}: its forward_features gives {tuple(tokens.shape)} at {input_size} px, "
+                         f"not [1, {prefix} + {grid[0]} x {grid[1]}, D]")
+    data = timm.data.resolve_data_config({}, model=model)
+    source = (f"sha256:{sha256_file(weights)}" if weights else
+              f"timm hub {model.pretrained_cfg.get('hf_hub_id') or model.pretrained_cfg.get('url')}")
+    settings = latents.repa_settings(name, source, input_size, grid, int(tokens.shape[2]),
+                                     [float(m) for m in data["mean"]], [float(s) for s in data["std"]])
+    return RepaEncoder(model, input_size, prefix, settings["mean"], settings["std"]), settings
+
+
+def build_repa_encoder(timm, name, weights, input_size, heads):
+    """timm's model `name` at input_size without its classifier (the modules named `heads`), pretrained
+    weights loaded strictly. :raises StoreError: a file that is not a state_dict of it, or no hub
+    (weights None)."""
+    if weights is None:
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=0, img_size=input_size)
+        except (OSError, RuntimeError) as e:  # hub and network errors are OSErrors; no weights a RuntimeError
+            raise StoreError(f"--repa-encoder {name}: cannot get its weights from timm's hub ({one_line(e)}); "
+                             f"on a machine without the hub, give them as a file: --repa-encoder-weights "
+                             f"PATH") from e
+    if not os.path.isfile(weights):
+        raise StoreError(f"--repa-encoder-weights {weights} is not a file")
+    from timm.models import load_state_dict
+
+    try:
+        state_dict = load_state_dict(weights, weights_only=True)  # no unpickling of arbitrary objects
+    except Exception as e:  # torch.load and safetensors raise many kinds for a file that is not theirs
+        raise StoreError(f"--repa-encoder-weights {weights} is not a state_dict file ({one_line(e)})") from e
+    # The classifier is dropped here, not by timm: timm loads non-strictly when num_classes differs from
+    # the weights' (as it does for num_classes=0), and a file missing a key would leave that layer random.
+    for head in heads:
+        for key in (f"{head}.weight", f"{head}.bias"):
+            state_dict.pop(key, None)
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0, img_size=input_size,
+                                 pretrained_cfg_overlay=dict(state_dict=state_dict, num_classes=0))
+    except (RuntimeError, KeyError, ValueError) as e:  # missing, unexpected or mis-shaped keys
+        raise StoreError(f"--repa-encoder-weights {weights} does not fit {name} ({one_line(e)})") from e
+
+
+def sha256_file(path):
+    """Hex SHA-256 of a file's bytes, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(2**20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def one_line(error):
+    """An exception's message on one line (torch's load errors span several), cut to 300 characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class Encoder:
+    """Turns a batch of source items into store rows [B x V x K x C x h x w] (float32) and, with a
+    RepaEncoder, the encoder features of both views [B x 2 x T x D] (else None)."""
+
+    def __init__(self, vae, source, repa=None):
+        self.vae = vae
+        self.source = source
+        self.repa = repa
+
+    @torch.no_grad()
+    def __call__(self, x):
+        features = None
+        if self.repa is not None:
+            b = x.shape[0]
+            tokens = self.repa(torch.cat([x, x.flip(-1)]))                        # (2B, T, D)
+            features = torch.stack([tokens[:b], tokens[b:]], 1)                  # (B, 2 views, T, D)
+        return self.rows(x), features
+
+    def rows(self, x):
         if self.source == "fast-dit":
             return (x / FAST_DIT_SCALING_FACTOR)[:, None, None]  # (B, 1, 1, C, h, w)
         if self.vae is None:
@@ -303,7 +450,7 @@ def read_inputs(args, state):
     """
     List the inputs and load what encodes them.
 
-    :return: (items Dataset, files, labels, class names, input root, vae or None, settings dict).
+    :return: (items Dataset, files, labels, class names, input root, Encoder, settings dict).
     """
     if args.fast_dit_path:
         files, labels, latent_shape = scan_fast_dit(args.fast_dit_path)
@@ -322,6 +469,8 @@ def read_inputs(args, state):
         channels = 3 if vae is None else vae.config.latent_channels
         latent_shape = [channels] + [args.image_size // down] * 2
         items = ImageItems(files, args.image_size, args.max_image_pixels)
+    repa, repa_settings = (load_repa_encoder(args.repa_encoder, args.repa_encoder_weights, args.repa_input_size,
+                                             args.image_size, state.device) if args.repa_encoder else (None, None))
     flip = {"images": latents.FLIP_EXACT if vae is None else latents.FLIP_ENCODED,
             "fast-dit": latents.FLIP_NONE}[source]
     settings = {
@@ -332,8 +481,9 @@ def read_inputs(args, state):
         # One stat() per input file, on rank 0 only: the file server answers once, not once per process.
         "files_sha1": broadcast_object_list([latents.inputs_digest(files, labels, root)
                                              if state.is_main_process else None])[0],
+        "repa": repa_settings,
     }
-    return items, files, labels, [shown(c) for c in class_names], root, vae, settings
+    return items, files, labels, [shown(c) for c in class_names], root, Encoder(vae, source, repa), settings
 
 
 def main(args):
@@ -342,7 +492,12 @@ def main(args):
     log = print if state.is_main_process else (lambda *a, **k: None)
 
     check_output_path(args.features_path, args.fast_dit_path or args.data_path)
-    items, files, labels, class_names, root, vae, settings = read_inputs(args, state)
+    items, files, labels, class_names, root, encode, settings = read_inputs(args, state)
+    if settings["repa"]:
+        r = settings["repa"]
+        log(f"REPA features: {r['encoder']} at {r['input_size']} px, {r['grid'][0]}x{r['grid'][1]} tokens of "
+            f"{r['dim']} in {r['dtype']}: {r['bytes_per_image'] / 2 / 1024:,.1f} KiB a view, "
+            f"{r['bytes_per_image'] / 1024:,.1f} KiB an image (both views)")
     existing = latents.read_existing(args.features_path, settings)
     if existing is not None and existing["complete"] and not latents.store_problems(args.features_path, existing):
         log(f"{args.features_path} is already complete ({existing['count']} images): nothing to do")
@@ -364,7 +519,7 @@ def main(args):
                 log(f"removed {name}, left by a run that was killed")
             latents.start_store(args.features_path, meta, labels)
         state.wait_for_everyone()
-        encoded, secs = encode_shards(args, state, items, files, vae, meta)
+        encoded, secs = encode_shards(args, state, items, files, encode, meta)
         if state.is_main_process:
             meta, skipped = latents.finish_store(args.features_path, meta, files, root)
             log(f"done: {meta['count']} images stored, {len(skipped)} skipped; this run encoded {encoded} in "
@@ -375,7 +530,7 @@ def main(args):
     return latents.read_json(os.path.join(args.features_path, latents.META_FILE))
 
 
-def encode_shards(args, state, items, files, vae, meta):
+def encode_shards(args, state, items, files, encode, meta):
     """Encode this process's shards (round-robin) batch by batch, committing progress per batch;
     batches never cross a shard, so progress is per shard.
     :return: (images encoded by all processes in this run, seconds)."""
@@ -386,7 +541,6 @@ def encode_shards(args, state, items, files, vae, meta):
     if state.is_main_process:
         print(f"{len(files)} inputs in {meta['num_classes']} classes -> {args.features_path}: "
               f"{num_shards} shards over {world} processes; rank 0 has {sum(map(len, todo))} left to encode")
-    encode = Encoder(vae, meta["source"])
     loader = DataLoader(items, batch_sampler=todo, num_workers=args.num_workers,
                         pin_memory=torch.cuda.is_available())
     start, encoded = time.time(), 0
@@ -401,7 +555,8 @@ def encode_shards(args, state, items, files, vae, meta):
                     if state.is_main_process:
                         tqdm.write(f"skipping {shown(files[i])}: {e}")
             if ok.any():
-                shard.write(index[ok].numpy(), encode(x[ok]).cpu().numpy())
+                rows, features = encode(x[ok])
+                shard.write(index[ok].numpy(), rows.cpu().numpy(), None if features is None else features.cpu().numpy())
             shard.commit(int(index[-1]) + 1)
             encoded += int(ok.sum())
             bar.update(len(index))
@@ -430,7 +585,21 @@ def parse_args(argv=None):
     parser.add_argument("--max-image-pixels", type=int, default=50_000_000,
                         help="skip (and list) images with more pixels (width x height) than this, so that "
                              "one image cannot take gigabytes to decode (50M: about 150 MB as 8-bit RGB)")
+    parser.add_argument("--repa-encoder", type=str, default=None,
+                        help="also store this timm ViT's patch tokens for REPA (e.g. vit_base_patch14_dinov2.lvd142m)")
+    parser.add_argument("--repa-encoder-weights", type=str, default=None,
+                        help="the encoder's weights as a local state_dict file (.pth or .safetensors); "
+                             "without it timm downloads them from its hub")
+    parser.add_argument("--repa-input-size", type=int, default=None,
+                        help="the encoder's input side in pixels (default: REPA's, image size * 224 / 256 "
+                             "rounded to a multiple of the encoder's patch)")
     args = parser.parse_args(argv)
+    if args.repa_encoder is None and (args.repa_encoder_weights is not None or args.repa_input_size is not None):
+        parser.error("--repa-encoder-weights and --repa-input-size need --repa-encoder")
+    if args.repa_encoder is not None and args.fast_dit_path:
+        parser.error("--repa-encoder needs the images (--data-path): fast-DiT's features hold none")
+    if args.repa_input_size is not None and args.repa_input_size <= 0:
+        parser.error("--repa-input-size must be positive")
     if min(args.image_size, args.batch_size, args.shard_size, args.max_image_pixels) <= 0 or args.num_workers < 0:
         parser.error("--image-size, --batch-size, --shard-size and --max-image-pixels must be positive, "
                      "--num-workers >= 0")

@@ -7,6 +7,7 @@ The latent store: its format, written (for extract_features.py) and read (Latent
     for epoch in range(epochs):
         ds.set_epoch(epoch)
         for x, y in loader: ...                           # x [B, C, H, W] float32, y [B] int64
+    LatentDataset(path, seed=0, repa=True)            # items (x, y, z): z [T, D] encoder patch tokens (REPA)
 
 DiT encodes every training image online: a random horizontal flip, then one sample of the VAE
 posterior, freshly drawn each step. fast-DiT froze one flip and one sample per image. This store keeps
@@ -21,6 +22,9 @@ Store layout (one folder):
                            [k * shard_size, (k + 1) * shard_size): V = 2 views (image, mirror image)
                            or 1, K = 2 (posterior mean, std) or 1 (mean only: pixels, fast-DiT
                            features). Values are the autoencoder's own (unscaled) latents.
+    repa-00000.npy ...     with meta["repa"] only: [n, 2, T, D] float16, a frozen encoder's patch tokens
+                           (T = grid rows x cols, D channels) of the image and its mirror image, for
+                           REPA's alignment loss; written and committed with the shard of the same rows
     shard-00000.json       progress of that shard: rows done, skipped files, statistics
     .lock                  held (flock) by the extract_features.py run that writes the store
 Rows of skipped (unreadable) files stay in the shard arrays, zero-filled, and are left out by the
@@ -30,7 +34,8 @@ does not depend on how many processes wrote it.
 File names come from this layout alone (shard k is always shard-0000k.npy): the shard list in
 meta.json must equal the layout of its rows and shard_size, so a store cannot point a reader or a
 writer at a file outside itself. Writing never follows a link: shards and the lock file are opened
-with O_NOFOLLOW (a symbolic link there, or a shard with other hard links, is refused), and
+with O_NOFOLLOW (a symbolic link there, or a shard with other hard links, is refused; encoder
+feature arrays are shards in this respect), and
 meta.json, labels.npy and progress files are renamed into place, which replaces a link instead of
 writing through it.
 
@@ -59,7 +64,11 @@ LABELS_FILE = "labels.npy"
 LOCK_FILE = ".lock"
 # Store settings that must match for a rerun to continue an existing store.
 SETTINGS_KEYS = ("format", "source", "vae", "scaling_factor", "image_size", "latent_shape", "dtype",
-                 "views", "posterior", "flip", "shard_size", "rows", "files_sha1")
+                 "views", "posterior", "flip", "shard_size", "rows", "files_sha1", "repa")
+# Settings added after format 1, with what a store written before them means: such a store reads the same.
+LATER_SETTINGS = {"repa": None}
+# REPA's encoder features are stored in half precision whatever --dtype the latents use.
+REPA_DTYPE = "float16"
 
 # How the horizontal flip is realised when reading (meta["flip"]).
 FLIP_ENCODED = "encoded"  # the mirror image was encoded too: view 1 of every row
@@ -74,6 +83,26 @@ class StoreError(UserError, ValueError):
 def shard_name(k):
     """File stem of shard k ("shard-00003"): its array is <stem>.npy, its progress <stem>.json."""
     return f"shard-{k:05d}"
+
+
+def repa_name(k):
+    """File name of shard k's encoder features ("repa-00003.npy")."""
+    return f"repa-{k:05d}.npy"
+
+
+def repa_settings(encoder, weights, input_size, grid, dim, mean, std):
+    """
+    meta["repa"] of a store holding a frozen encoder's patch tokens for REPA (sihyun-yu/REPA).
+
+    :param encoder: the timm model name. :param weights: "sha256:<hex>" of the weights file, or where
+           timm's hub download came from ("timm hub ..."). :param input_size: the encoder's input side
+           in pixels. :param grid: [rows, cols] of its patch tokens. :param dim: channels per token.
+    :param mean, std: the per-channel normalisation applied to [0, 1] images before the encoder.
+    :return: a plain dict; bytes_per_image counts both views.
+    """
+    return {"encoder": encoder, "weights": weights, "input_size": input_size, "grid": list(grid), "dim": dim,
+            "mean": list(mean), "std": list(std), "dtype": REPA_DTYPE,
+            "bytes_per_image": 2 * grid[0] * grid[1] * dim * np.dtype(REPA_DTYPE).itemsize}
 
 
 def shard_layout(rows, shard_size):
@@ -112,6 +141,20 @@ def _count(v):
     return type(v) is int and v >= 0
 
 
+def _repa_fits(v):
+    """meta["repa"]: None, or what repa_settings returns (the reader builds the arrays' shapes from it)."""
+    if v is None:
+        return True
+    try:
+        return (all(type(n) is int and n > 0 for n in (v["input_size"], v["dim"], *v["grid"]))
+                and all(type(c) in (int, float) for c in v["mean"] + v["std"])
+                and isinstance(v["encoder"], str) and isinstance(v["weights"], str)
+                and v == repa_settings(v["encoder"], v["weights"], v["input_size"], v["grid"], v["dim"],
+                                       v["mean"], v["std"]))
+    except (KeyError, TypeError, IndexError):
+        return False
+
+
 # What each field of meta.json may hold; a reader indexes arrays and builds dtypes from them.
 FIELD_CHECKS = {
     "rows": _count, "shard_size": lambda v: _count(v) and v > 0,
@@ -122,6 +165,7 @@ FIELD_CHECKS = {
     "scaling_factor": lambda v: type(v) in (int, float) and 0 < v < float("inf"),
     "count": _count, "num_classes": _count,
     "skipped_indices": lambda v: isinstance(v, list) and all(_count(i) for i in v) and v == sorted(set(v)),
+    "repa": _repa_fits,
 }
 
 
@@ -131,11 +175,15 @@ REMAKE = "delete the store and run the extract_features.py command that made it 
 
 def check_meta(path, meta):
     """
+    Check a store's meta dict, filling in the settings it predates (LATER_SETTINGS) as they read.
+
     :raises StoreError: meta.json lacks a key the format needs or holds a value it cannot, or its shard
             list is not the layout of its rows and shard_size (a damaged or crafted file, e.g. one
             naming a file outside the store).
     """
     file = os.path.join(path, META_FILE)
+    for k, v in LATER_SETTINGS.items():
+        meta.setdefault(k, v)
     needed = SETTINGS_KEYS + ("shards",) + (("count", "num_classes", "skipped_indices") if meta.get("complete")
                                             else ())
     missing = [k for k in needed if k not in meta]
@@ -170,19 +218,35 @@ def inputs_digest(files, labels, root):
     return h.hexdigest()
 
 
-def shard_shape(meta, k):
-    """Shape of shard k's array: (rows, views, 2 (mean, std) or 1, C, H, W)."""
-    return (meta["shards"][k]["rows"], meta["views"], 2 if meta["posterior"] else 1, *meta["latent_shape"])
-
-
-def shard_problem(path, meta, k):
+def shard_arrays(meta, k):
     """
-    Check shard k's file against what meta says it holds, from its header and size (no data read).
+    The arrays of shard k, {file name: (shape, dtype)}: the latents (rows, views, 2 (mean, std) or 1,
+    C, H, W) and, in a store with REPA features, the encoder's patch tokens (rows, 2 views, T, D).
+    """
+    rows = meta["shards"][k]["rows"]
+    arrays = {shard_name(k) + ".npy": ((rows, meta["views"], 2 if meta["posterior"] else 1, *meta["latent_shape"]),
+                                       meta["dtype"])}
+    repa = meta.get("repa")
+    if repa:
+        arrays[repa_name(k)] = ((rows, 2, repa["grid"][0] * repa["grid"][1], repa["dim"]), repa["dtype"])
+    return arrays
+
+
+def shard_problems(path, meta, k):
+    """{file name: what is wrong} for shard k's arrays (shard_arrays) that do not hold the whole array."""
+    problems = {name: array_problem(os.path.join(path, name), shape, dtype)
+                for name, (shape, dtype) in shard_arrays(meta, k).items()}
+    return {name: p for name, p in problems.items() if p}
+
+
+def array_problem(file, shape, dtype):
+    """
+    Check a shard's array file against the shape and dtype it must hold, from its header and size (no
+    data read).
 
     :return: None when it holds the whole array, else what is wrong ("is truncated: ...").
     """
-    file = os.path.join(path, shard_name(k) + ".npy")
-    shape, dtype = shard_shape(meta, k), np.dtype(meta["dtype"])
+    shape, dtype = tuple(shape), np.dtype(dtype)
     try:
         with open(file, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -217,10 +281,13 @@ def labels_problem(path, meta):
 
 
 def store_problems(path, meta):
-    """{file name: what is wrong} for the store's data files (shards, labels.npy) that are damaged."""
-    problems = {shard_name(k) + ".npy": shard_problem(path, meta, k) for k in range(len(meta["shards"]))}
-    problems[LABELS_FILE] = labels_problem(path, meta)
-    return {name: p for name, p in problems.items() if p}
+    """{file name: what is wrong} for the store's data files (shards, encoder features, labels.npy) that
+    are damaged."""
+    problems = {}
+    for k in range(len(meta["shards"])):
+        problems.update(shard_problems(path, meta, k))
+    labels = labels_problem(path, meta)
+    return dict(problems, **{LABELS_FILE: labels}) if labels else problems
 
 
 # Writing ------------------------------------------------------------------------------------------
@@ -349,16 +416,21 @@ def open_shard_array(file, shape, dtype, new):
 
 class ShardWriter:
     """
-    Shard k of a store being written: its rows as a writable memory map and its progress file
-    (rows done, skipped inputs, and once every row is done the statistics that mark it finished).
-    Rows are written at global indices lo .. lo + rows - 1.
+    Shard k of a store being written: its rows as a writable memory map (with its encoder features
+    as a second one in a store with REPA features) and its progress file (rows done, skipped inputs,
+    and once every row is done the statistics that mark it finished). Rows are written at global
+    indices lo .. lo + rows - 1.
     """
 
     def __init__(self, path, meta, k, progress):
         self.lo, self.rows = k * meta["shard_size"], meta["shards"][k]["rows"]
         self.json = os.path.join(path, shard_name(k) + ".json")
-        self.array = open_shard_array(os.path.join(path, shard_name(k) + ".npy"), shard_shape(meta, k),
-                                      meta["dtype"], new=progress is None)
+        arrays = shard_arrays(meta, k)
+
+        def open_array(name):
+            return open_shard_array(os.path.join(path, name), *arrays[name], new=progress is None)
+        self.array = open_array(shard_name(k) + ".npy")
+        self.repa = open_array(repa_name(k)) if repa_name(k) in arrays else None  # encoder features
         self.progress = progress or {"rows": self.rows, "done": 0, "skipped": []}
         if progress is None:
             write_json_atomic(self.json, self.progress)
@@ -372,9 +444,15 @@ class ShardWriter:
     def finished(self):
         return "stats" in self.progress
 
-    def write(self, index, rows):
-        """:param index: int [B] global rows of this shard. :param rows: [B x V x K x C x H x W]."""
+    def write(self, index, rows, features=None):
+        """
+        :param index: int [B] global rows of this shard. :param rows: [B x V x K x C x H x W].
+        :param features: [B x 2 x T x D] encoder patch tokens of both views, exactly when the store has them.
+        """
+        assert (features is None) == (self.repa is None)
         self.array[index - self.lo] = rows
+        if features is not None:
+            self.repa[index - self.lo] = features
 
     def skip(self, index, path, error):
         """Record global row `index` as skipped: input `path` (printable) could not be used (`error`)."""
@@ -383,7 +461,9 @@ class ShardWriter:
     def commit(self, end):
         """Rows up to global index `end` (exclusive) are written: flush them to disk, then say so in the
         progress file (a rerun after a kill continues from there); the last commit finishes the shard."""
-        self.array.flush()  # the data is on disk before the progress marker says so
+        for array in (self.array, self.repa):  # the data is on disk before the progress marker says so
+            if array is not None:
+                array.flush()
         self.progress["done"] = end - self.lo
         write_json_atomic(self.json, self.progress)
         if self.done == self.rows:
@@ -419,7 +499,7 @@ def open_shards(path, meta, shards):
     """
     writers = {}
     for k in shards:
-        progress = read_progress(path, meta, k) if shard_problem(path, meta, k) is None else None
+        progress = None if shard_problems(path, meta, k) else read_progress(path, meta, k)
         if progress is None or "stats" not in progress:
             writers[k] = ShardWriter(path, meta, k, progress)
     return writers
@@ -521,7 +601,9 @@ class LatentDataset(torch.utils.data.Dataset):
     Training samples from a store written by extract_features.py.
 
     Item i is (x, y): x a float32 [C x H x W] tensor already multiplied by meta["scaling_factor"]
-    (pixels in [-1, 1] for a `--vae none` store), y the int64 label (a 0-d tensor).
+    (pixels in [-1, 1] for a `--vae none` store), y the int64 label (a 0-d tensor). With repa=True it
+    is (x, y, z): z float32 [T x D], the encoder's patch tokens of the same view as x (meta["repa"]
+    gives their grid and D).
 
     :param path: the store folder.
     :param flip: draw a random horizontal flip per access (DiT's RandomHorizontalFlip). False: the
@@ -533,16 +615,19 @@ class LatentDataset(torch.utils.data.Dataset):
                  int: the flip and the noise of item i in epoch e (see set_epoch) are functions of
                  (seed, e, i), so samples do not depend on workers, batching or process count, and a
                  resumed run sees exactly the samples an uninterrupted one would.
+    :param repa: also return the encoder features (REPA). Reading them draws nothing: x is the same
+                 with and without them.
 
     Batches: the DataLoader's `__getitems__(indices)` reads a whole batch in one vectorised read
     (read_batch) and returns its samples as a list, as the default collate expects. The memory maps
     are opened lazily in each process, so DataLoader workers work (fork or spawn).
 
     :raises FileNotFoundError: path is not a store. StoreError (a ValueError): the store is
-            unfinished, of another format, or damaged (the message names the file).
+            unfinished, of another format, or damaged (the message names the file), or repa=True on a
+            store without encoder features.
     """
 
-    def __init__(self, path, flip=True, sample_posterior=True, seed=None):
+    def __init__(self, path, flip=True, sample_posterior=True, seed=None, repa=False):
         meta_path = os.path.join(path, META_FILE)
         if not os.path.isfile(meta_path):
             if any(d.endswith("_features") for d in _listdir(path)):
@@ -567,12 +652,17 @@ class LatentDataset(torch.utils.data.Dataset):
             name, problem = next(iter(problems.items()))
             raise StoreError(f"{os.path.join(path, name)} {problem}: the store is damaged; rerun the "
                              f"extract_features.py command that made it, which writes that file again")
+        if repa and not self.meta["repa"]:
+            raise StoreError(f"{path} holds no encoder features for REPA: extract the images again into a new "
+                             f"store with extract_features.py --repa-encoder NAME (e.g. "
+                             f"vit_base_patch14_dinov2.lvd142m)")
         if flip and self.meta["flip"] == FLIP_NONE:
             warnings.warn(f"{path} holds no mirror images (converted fast-DiT features): flip=True "
                           f"has no effect, the stored orientation is used", stacklevel=2)
         self.flip = bool(flip) and self.meta["flip"] != FLIP_NONE
         self.sample_posterior = bool(sample_posterior) and self.meta["posterior"]
         self.seed = seed
+        self.repa = bool(repa)
         self.epoch = 0
         self.scaling_factor = float(self.meta["scaling_factor"])
         self.shard_size = int(self.meta["shard_size"])
@@ -582,7 +672,7 @@ class LatentDataset(torch.utils.data.Dataset):
         labels = np.load(os.path.join(path, LABELS_FILE))
         self.labels = labels[self.rows]
         assert len(self.rows) == self.meta["count"]
-        self._shards = None  # memory maps, opened on first read in each process
+        self._shards = self._features = None  # memory maps, opened on first read in each process
 
     def __len__(self):
         return len(self.rows)
@@ -593,31 +683,31 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_shards"] = None  # memory maps are reopened in the worker, not pickled
+        state["_shards"] = state["_features"] = None  # memory maps are reopened in the worker, not pickled
         return state
 
     def _open(self):
-        self._shards = [np.load(os.path.join(self.path, shard_name(k) + ".npy"), mmap_mode="r")
-                        for k in range(len(self.meta["shards"]))]
+        shards = range(len(self.meta["shards"]))
+        self._shards = [np.load(os.path.join(self.path, shard_name(k) + ".npy"), mmap_mode="r") for k in shards]
+        if self.repa:
+            self._features = [np.load(os.path.join(self.path, repa_name(k)), mmap_mode="r") for k in shards]
 
     def __getitem__(self, i):
-        x, y = self.read_batch([i])
-        return x[0], y[0]
+        return tuple(t[0] for t in self.read_batch([i]))
 
     def __getitems__(self, indices):
-        """The DataLoader's batched fetch: the samples of `indices` as a list of (x, y), read in one
-        vectorised read_batch. The default collate stacks them again: about 6% of the reader's CPU
-        time against passing read_batch's tensors through (measured), too little to ask every
-        DataLoader for a collate_fn."""
-        x, y = self.read_batch(indices)
-        return list(zip(x.unbind(0), y.unbind(0)))  # views into x and y: no copy
+        """The DataLoader's batched fetch: the samples of `indices` as a list of (x, y) or (x, y, z),
+        read in one vectorised read_batch. The default collate stacks them again: about 6% of the
+        reader's CPU time against passing read_batch's tensors through (measured), too little to ask
+        every DataLoader for a collate_fn."""
+        return list(zip(*(t.unbind(0) for t in self.read_batch(indices))))  # views into the batch: no copy
 
     def read_batch(self, indices):
         """
         The samples of `indices`, stacked: the items are those of __getitem__, read in one pass.
 
         :param indices: dataset indices (repeats allowed).
-        :return: (x [B x C x H x W] float32, y [B] int64).
+        :return: (x [B x C x H x W] float32, y [B] int64), and with repa z [B x T x D] float32.
         """
         if self._shards is None:
             self._open()
@@ -633,10 +723,15 @@ class LatentDataset(torch.utils.data.Dataset):
         rows = self.rows[idx]
         order = np.argsort(rows, kind="stable")  # ascending rows: sequential-ish reads per shard
         out = np.empty((b, k) + tuple(self.meta["latent_shape"]), dtype=self.meta["dtype"])
+        if self.repa:  # both views' features are stored for any store: those of x's view, mirrored or not
+            grid, dim = self.meta["repa"]["grid"], self.meta["repa"]["dim"]
+            z, feature_view = np.empty((b, grid[0] * grid[1], dim), dtype=REPA_DTYPE), flips.astype(np.int64)
         shard_of = rows // self.shard_size
         for s in np.unique(shard_of):
             pos = order[shard_of[order] == s]
             out[pos] = self._shards[s][rows[pos] - s * self.shard_size, encoded_view[pos], :k]
+            if self.repa:
+                z[pos] = self._features[s][rows[pos] - s * self.shard_size, feature_view[pos]]
         data = torch.from_numpy(out).float()  # (B, k, C, H, W), a fresh tensor
         x = data[:, 0]                         # (B, C, H, W) posterior means
         if self.sample_posterior:
@@ -654,7 +749,8 @@ class LatentDataset(torch.utils.data.Dataset):
             x[f] = x[f].flip(-1)
         if self.scaling_factor != 1.0:
             x.mul_(self.scaling_factor)
-        return x, torch.from_numpy(self.labels[idx])
+        y = torch.from_numpy(self.labels[idx])
+        return (x, y, torch.from_numpy(z).float()) if self.repa else (x, y)
 
 
 def _listdir(path):

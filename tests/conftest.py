@@ -214,3 +214,38 @@ def latent_store(tmp_path_factory, tiny_vae_path, image_folder):
     finally:
         torch.set_num_threads(threads)
     return path
+
+
+# REPA's encoder in the tests: timm's DeiT-tiny (distilled), 5.5M parameters, 2 prefix tokens (class and
+# distillation) and ImageNet's mean and std, so neither can be mistaken for a ViT's 1 token and 0.5, 0.5.
+REPA_ENCODER = "deit_tiny_distilled_patch16_224"
+
+
+@pytest.fixture(scope="session")
+def repa_weights(tmp_path_factory):
+    """REPA_ENCODER with random weights as a state_dict file (what --repa-encoder-weights takes: no hub), with its
+    classifier heads and its 224-px position embedding, which extraction at 32 px must resample."""
+    import timm
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("repa") / "encoder.pt"
+    torch.save(timm.create_model(REPA_ENCODER, pretrained=False).state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def repa_store(tmp_path_factory, tiny_vae_path, image_folder, repa_weights):
+    """latent_store's images and settings, plus REPA_ENCODER's features at 32 px (2 x 2 tokens of 192), encoded
+    with one thread like latent_store (the reference of test_extract's kill and multi-process test)."""
+    import extract_features
+
+    path = str(tmp_path_factory.mktemp("stores") / "tiny16-repa")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extract_features.main(extract_args(data_path=image_folder[0], features_path=path, vae=tiny_vae_path,
+                                           repa_encoder=REPA_ENCODER, repa_encoder_weights=repa_weights,
+                                           repa_input_size=32))
+    finally:
+        torch.set_num_threads(threads)
+    return path

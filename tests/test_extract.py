@@ -1,9 +1,11 @@
-"""extract_features.py: what it stores, under one and two processes, after a kill, on a full disk,
-from odd image files and folders of links, on bad input and output paths, with a second run on the same
-store, and with links or crafted names in a store (nothing is written or read outside it)."""
+"""extract_features.py: what it stores (REPA encoder features too), under one and two processes, after a
+kill, on a full disk, from odd image files and folders of links, on bad input and output paths, with a
+second run on the same store, and with links or crafted names in a store (nothing is written or read
+outside it)."""
 import contextlib
 import errno
 import filecmp
+import hashlib
 import json
 import os
 import shutil
@@ -16,13 +18,15 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 import extract_features
 import latents
-from conftest import extract_args
+from conftest import REPA_ENCODER, extract_args
 from files import DiskFullError
 from vae import center_crop_arr, load_vae
 
@@ -401,14 +405,174 @@ def test_pixel_mode_round_trips(tmp_path, image_folder):
     assert all(m or s for m, s in zip(mirrored, same)) and any(mirrored) and any(same)
 
 
-def run_extract(store, root, vae, nproc=None, prefix=(), timeout=240):
+def encoder_by_hand(weights, input_size):
+    """REPA_ENCODER's patch tokens of [-1, 1] images as REPA computes them, written out apart from
+    extract_features: the position embedding resampled to the input's grid by timm's function, the
+    image to [0, 1], bicubic resize, ImageNet's mean and std, final-norm tokens after the 2 prefix tokens."""
+    import timm
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.layers import resample_abs_pos_embed
+
+    state = torch.load(weights)
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], [input_size // 16] * 2, num_prefix_tokens=2)
+    model = timm.create_model(REPA_ENCODER, num_classes=0, img_size=input_size).eval()
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head")})  # strict
+    mean, std = (torch.tensor(c).view(1, 3, 1, 1) for c in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+
+    def encode(x):
+        with torch.no_grad():
+            x = F.interpolate((x + 1) / 2, size=(input_size, input_size), mode="bicubic")
+            return model.forward_features((x - mean) / std)[:, 2:]
+    return encode
+
+
+def assert_repa_features(store, weights, image_folder, image_size, input_size):
+    """The store's features: the encoder by hand on each valid image and on its mirror; skipped rows zero."""
+    root, skipped = image_folder
+    _, files, all_files = valid_files(root, skipped)
+    meta = json.load(open(os.path.join(store, "meta.json")))
+    features = np.concatenate([np.load(os.path.join(store, latents.repa_name(k))) for k in range(len(meta["shards"]))])
+    tokens = (input_size // 16) ** 2
+    assert features.shape == (12, 2, tokens, 192) and features.dtype == np.float16
+    encode = encoder_by_hand(weights, input_size)
+    x = torch.stack([preprocess(os.path.join(root, f), image_size) for f, _ in files])
+    want = torch.stack([encode(x), encode(x.flip(-1))], 1).numpy()  # (10, 2 views, T, 192)
+    got = features[[all_files.index(f) for f in files]].astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)  # float16 storage
+    assert not np.allclose(got[:, 0], got[:, 1], atol=1e-2)  # the mirror is really encoded
+    assert not features[meta["skipped_indices"]].any()
+    return meta
+
+
+def test_repa_features_of_a_vae_store_are_the_encoders_patch_tokens_of_both_views(repa_store, latent_store,
+                                                                                  repa_weights, image_folder,
+                                                                                  one_thread):
+    meta = assert_repa_features(repa_store, repa_weights, image_folder, image_size=16, input_size=32)
+    sha256 = hashlib.sha256(open(repa_weights, "rb").read()).hexdigest()
+    assert meta["repa"] == {"encoder": REPA_ENCODER, "weights": f"sha256:{sha256}", "input_size": 32, "grid": [2, 2],
+                            "dim": 192, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                            "dtype": "float16", "bytes_per_image": 2 * 4 * 192 * 2}
+    for name in ["labels.npy"] + [f"shard-0000{k}.npy" for k in range(3)]:  # the latents are those of a store without
+        assert filecmp.cmp(os.path.join(latent_store, name), os.path.join(repa_store, name), shallow=False), name
+
+
+def test_repa_features_follow_the_view_of_x_and_leave_x_as_it_was(repa_store):
+    """An encoded mirror (VAE store): z is the features of x's view, and x is what a dataset without them
+    reads, posterior noise included, so a seeded run without REPA stays bit-identical."""
+    features = np.concatenate([np.load(os.path.join(repa_store, latents.repa_name(k))) for k in range(3)])
+    means = latents.LatentDataset(repa_store, seed=3, sample_posterior=False)
+    index = list(range(len(means))) * 4
+    x, y, z = latents.LatentDataset(repa_store, seed=3, sample_posterior=False, repa=True).read_batch(index)
+    x0, y0 = means.read_batch(index)
+    assert torch.equal(x, x0) and torch.equal(y, y0) and z.dtype == torch.float32 and z.shape == (40, 4, 192)
+    original, _ = latents.LatentDataset(repa_store, flip=False, sample_posterior=False).read_batch(index)
+    views = [0 if torch.equal(a, b) else 1 for a, b in zip(x, original)]
+    assert 0 < sum(views) < 40
+    assert torch.equal(z, torch.from_numpy(features[means.rows[index], views]).float())
+    noisy = latents.LatentDataset(repa_store, seed=3, repa=True)
+    assert torch.equal(noisy.read_batch(index)[0], latents.LatentDataset(repa_store, seed=3).read_batch(index)[0])
+    (_, _, loaded), = DataLoader(noisy, batch_size=40)  # the default collate: one batch of 10 (x, y, z)
+    item = noisy[7]
+    assert len(item) == 3 and torch.equal(item[2], loaded[7]) and torch.equal(loaded, noisy.read_batch(range(10))[2])
+
+
+def test_repa_features_of_a_pixel_store_at_repas_input_size(tmp_path, image_folder, repa_weights, one_thread):
+    """--vae none stores the features of both views too, at REPA's default input size (32 px images:
+    32 * 224 / 256 = 28, to the patch's multiple 32), and z follows x's exact mirror."""
+    store = str(tmp_path / "px")
+    meta = extract_features.main(extract_args(data_path=image_folder[0], features_path=store, vae="none",
+                                              image_size=32, repa_encoder=REPA_ENCODER,
+                                              repa_encoder_weights=repa_weights))
+    assert meta["repa"]["input_size"] == 32 and meta["repa"]["grid"] == [2, 2] and meta["flip"] == latents.FLIP_EXACT
+    assert_repa_features(store, repa_weights, image_folder, image_size=32, input_size=32)
+    features = np.concatenate([np.load(os.path.join(store, latents.repa_name(k))) for k in range(3)])
+    ds = latents.LatentDataset(store, seed=5, repa=True)
+    plain, _ = latents.LatentDataset(store, flip=False).read_batch(range(10))
+    x, _, z = ds.read_batch(list(range(10)) * 4)
+    views = [0 if torch.equal(a, b) else 1 for a, b in zip(x, torch.cat([plain] * 4))]
+    assert all(v == 0 or torch.equal(a, b.flip(-1)) for v, a, b in zip(views, x, torch.cat([plain] * 4)))
+    assert 0 < sum(views) < 40
+    assert torch.equal(z, torch.from_numpy(features[np.tile(ds.rows, 4), views]).float())
+
+
+def test_damaged_repa_features_are_refused_then_written_again(tmp_path, repa_store, repa_weights, tiny_vae_path,
+                                                              image_folder, capsys, one_thread):
+    store = str(tmp_path / "store")
+    shutil.copytree(repa_store, store)
+    truncated = os.path.join(store, "repa-00001.npy")
+    os.truncate(truncated, os.path.getsize(truncated) - 1)
+    np.save(os.path.join(store, "repa-00002.npy"), np.zeros((4, 2, 4, 96), np.float16))
+    with pytest.raises(latents.StoreError, match="repa-00001.npy is truncated"):
+        latents.LatentDataset(store)
+    extract_features.main(extract_args(data_path=image_folder[0], features_path=store, vae=tiny_vae_path,
+                                       repa_encoder=REPA_ENCODER, repa_encoder_weights=repa_weights,
+                                       repa_input_size=32))
+    out = capsys.readouterr().out
+    assert "repa-00001.npy is truncated" in out and "has 8 left" in out
+    assert "repa-00002.npy holds float16 (4, 2, 4, 96) where the store needs float16 (4, 2, 4, 192)" in out
+    assert_same_store(repa_store, store)
+    with pytest.raises(latents.StoreError, match="repa: store has {'encoder'"):  # another encoder (none) is refused
+        extract_features.main(extract_args(data_path=image_folder[0], features_path=store, vae=tiny_vae_path))
+
+
+@pytest.mark.parametrize("case, why", [
+    ("vit_no_such_model", "--repa-encoder vit_no_such_model is not a timm model name"),
+    ("resnet18", "--repa-encoder resnet18 is not a ViT-like timm encoder with a patch grid"),
+    ("input size", f"--repa-input-size 24 is not a multiple of {REPA_ENCODER}'s patch 16x16"),
+    ("a key missing", f"--repa-encoder-weights .*missing.pt does not fit {REPA_ENCODER} \\(Error\\(s\\) in "
+                      r"loading state_dict .* Missing key\(s\) in state_dict: \"blocks.3.mlp.fc1.weight\""),
+    ("not weights", "--repa-encoder-weights .*notes.txt is not a state_dict file"),
+    ("hub offline", f"--repa-encoder {REPA_ENCODER}: cannot get its weights from timm's hub .*; on a machine "
+                    f"without the hub, give them as a file: --repa-encoder-weights PATH$"),
+])
+def test_repa_encoder_errors_are_one_line(tmp_path, image_folder, repa_weights, monkeypatch, one_thread, case,
+                                         why):
+    """Each refused before the store's folder exists."""
+    import huggingface_hub
+
+    flags = dict(repa_encoder=REPA_ENCODER, repa_encoder_weights=repa_weights)
+    if case in ("vit_no_such_model", "resnet18"):
+        flags["repa_encoder"] = case
+    elif case == "input size":
+        flags["repa_input_size"] = 24
+    elif case == "a key missing":  # timm alone would load this non-strictly, leaving that layer random
+        flags["repa_encoder_weights"] = str(tmp_path / "missing.pt")
+        state = torch.load(repa_weights)
+        del state["blocks.3.mlp.fc1.weight"]
+        torch.save(state, flags["repa_encoder_weights"])
+    elif case == "not weights":
+        flags["repa_encoder_weights"] = os.path.join(image_folder[0], "cat", "notes.txt")
+    else:  # no network and an empty cache, as huggingface_hub reads them when it downloads
+        del flags["repa_encoder_weights"]
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    store = tmp_path / "store"
+    with pytest.raises(latents.StoreError, match=why) as error:
+        extract_features.main(extract_args(data_path=image_folder[0], features_path=str(store), vae="none",
+                                           image_size=8, **flags))
+    assert "\n" not in str(error.value) and not store.exists()
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["--fast-dit-path", "f", "--repa-encoder", REPA_ENCODER], "--repa-encoder needs the images (--data-path)"),
+    (["--data-path", "d", "--repa-input-size", "32"],
+     "--repa-encoder-weights and --repa-input-size need --repa-encoder"),
+    (["--data-path", "d", "--repa-encoder", REPA_ENCODER, "--repa-input-size", "0"], "must be positive"),
+])
+def test_repa_flags_that_do_not_go_together_are_refused_by_the_parser(argv, why, capsys):
+    with pytest.raises(SystemExit):
+        extract_features.parse_args(argv + ["--features-path", "s"])
+    assert why in capsys.readouterr().err
+
+
+def run_extract(store, root, vae, nproc=None, prefix=(), flags=(), timeout=240):
     """extract_features.py as a subprocess, one thread per process so that 1 and N processes do
-    bit-identical float math (torchrun sets OMP_NUM_THREADS=1 itself)."""
+    bit-identical float math (torchrun sets OMP_NUM_THREADS=1 itself); `flags` added to the tests' sizes."""
     launch = [sys.executable] + ([] if nproc is None else
                                  ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"])
     cmd = launch + list(prefix) + ["extract_features.py", "--data-path", root, "--features-path", store,
                                    "--image-size", "16", "--vae", vae, "--batch-size", "3",
-                                   "--shard-size", "4", "--num-workers", "0"]
+                                   "--shard-size", "4", "--num-workers", "0", *flags]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -436,13 +600,15 @@ exec(compile(open("extract_features.py").read(), "extract_features.py", "exec"))
 """
 
 
-def test_killed_run_resumed_by_two_processes_writes_the_same_store(tmp_path, latent_store, tiny_vae_path,
-                                                                  image_folder):
+def test_killed_run_resumed_by_two_processes_writes_the_same_store(tmp_path, repa_store, tiny_vae_path,
+                                                                  image_folder, repa_weights):
     """Killed at the worst moment, then the same command under torchrun with 2 processes: byte for
-    byte the store one uninterrupted process writes (latent_store). A resume and the number of
-    processes both leave the store as it is (one test: each needs processes of its own)."""
+    byte the store one uninterrupted process writes (repa_store: latents and REPA features, whose
+    latents are latent_store's). A resume and the number of processes both leave the store as it is
+    (one test: each needs processes of its own)."""
     path = str(tmp_path / "store")
-    r = run_extract(path, image_folder[0], tiny_vae_path, prefix=["-c", KILL_BEFORE_SECOND_MARKER])
+    repa = ["--repa-encoder", REPA_ENCODER, "--repa-encoder-weights", repa_weights, "--repa-input-size", "32"]
+    r = run_extract(path, image_folder[0], tiny_vae_path, prefix=["-c", KILL_BEFORE_SECOND_MARKER], flags=repa)
     assert r.returncode == -9, r.stderr
     meta = json.load(open(os.path.join(path, "meta.json")))
     assert meta["complete"] is False
@@ -450,11 +616,11 @@ def test_killed_run_resumed_by_two_processes_writes_the_same_store(tmp_path, lat
     assert progress["done"] == 3 and "stats" not in progress
     with pytest.raises(ValueError, match="unfinished"):
         latents.LatentDataset(path)
-    r = run_extract(path, image_folder[0], tiny_vae_path, nproc=2)
+    r = run_extract(path, image_folder[0], tiny_vae_path, nproc=2, flags=repa)
     assert r.returncode == 0, r.stderr
     # Rank 0 redoes row 3 of shard 0 and encodes shard 2, rank 1 shard 1; logs on rank 0 only.
     assert "over 2 processes; rank 0 has 5 left" in r.stdout and r.stdout.count("done:") == 1
-    assert_same_store(latent_store, path)
+    assert_same_store(repa_store, path)
 
 
 class Stop(Exception):

@@ -131,6 +131,27 @@ def test_unfinished_or_foreign_folders_are_refused(tmp_path, latent_store):
         latents.LatentDataset(str(part))
 
 
+def test_repa_on_a_store_without_encoder_features_names_the_flag_that_makes_them(latent_store):
+    with pytest.raises(latents.StoreError, match="holds no encoder features for REPA: extract the images again into "
+                                                 "a new store with extract_features.py --repa-encoder NAME"):
+        latents.LatentDataset(latent_store, repa=True)
+
+
+def test_a_store_older_than_repa_reads_as_without_features(tmp_path, latent_store, tiny_vae_path, image_folder,
+                                                            capsys):
+    """A meta.json written before the "repa" setting existed: read as None, and left as it is by a rerun."""
+    store = tmp_path / "store"
+    shutil.copytree(latent_store, store)
+    meta = json.loads((store / "meta.json").read_text())
+    del meta["repa"]
+    (store / "meta.json").write_text(json.dumps(meta))
+    ds = latents.LatentDataset(str(store), seed=2)
+    assert ds.meta["repa"] is None and torch.equal(ds[4][0], latents.LatentDataset(latent_store, seed=2)[4][0])
+    before = (store / "meta.json").read_text()
+    extract_features.main(extract_args(data_path=image_folder[0], features_path=str(store), vae=tiny_vae_path))
+    assert "nothing to do" in capsys.readouterr().out and (store / "meta.json").read_text() == before
+
+
 @pytest.mark.parametrize("damage", ["truncated shard", "missing shard", "other shape", "labels", "meta",
                                     "meta without a key", "meta not an object", "meta value", "shard named outside",
                                     "label out of range"])
