@@ -210,10 +210,8 @@ def train_step(accelerator, training, objective, x, y, max_norm, decay, micro_ba
     if raw.y_embedder is not None:
         drop = (torch.rand(x.shape[0], device=x.device) < raw.y_embedder.dropout_prob).long()
         kwargs = dict(y=y, force_drop_ids=drop)
-    if alignment is not None and alignment.pool > 1:  # the encoder's finer grid, averaged to the DiT's
-        grid = math.isqrt(z.shape[1])
-        z = z.unflatten(1, (grid, grid)).permute(0, 3, 1, 2)                 # (B, F, g', g')
-        z = F.avg_pool2d(z, alignment.pool).flatten(2).transpose(1, 2)      # (B, T, F)
+    if alignment is not None:
+        z = pool_tokens(z, alignment.pool)  # (B, T, F)
     losses, aligns = [], []
     for i in torch.arange(x.shape[0], device=x.device).chunk(micro_batches):
         with accelerator.accumulate(*training.modules):  # syncs gradients on the last micro-batch only
@@ -250,6 +248,18 @@ def train_step(accelerator, training, objective, x, y, max_norm, decay, micro_ba
             torch._foreach_mul_(training.ema, decay)
             torch._foreach_add_(training.ema, [p.detach() for p in training.params], alpha=1 - decay)
     return taken, grad_norm, sums[:4], sums[4:8], sums[8:]
+
+
+def pool_tokens(z, pool):
+    """
+    Average an encoder's square token grid over pool x pool squares (its finer grid to the DiT's).
+    :param z: [B x T' x F] tokens in row-major grid order, T' = g'^2. :return: [B x T'/pool^2 x F].
+    """
+    if pool == 1:
+        return z
+    grid = math.isqrt(z.shape[1])
+    z = z.unflatten(1, (grid, grid)).permute(0, 3, 1, 2)       # (B, F, g', g')
+    return F.avg_pool2d(z, pool).flatten(2).transpose(1, 2)   # (B, T, F)
 
 
 def make_accelerator(args):

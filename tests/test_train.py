@@ -21,7 +21,7 @@ import extract_features  # noqa: E402
 import models  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
-from conftest import extract_args  # noqa: E402
+from conftest import REPA_ENCODER, extract_args  # noqa: E402
 
 MODEL = "DiT-Digits/2"  # depth 6, width 192: on the 4x8x8 test latents a step takes milliseconds
 
@@ -434,3 +434,79 @@ def test_fsdp_on_gpu_checkpoints_and_resumes(latent_store, tmp_path):
     net = models.DiT_models[MODEL](**{k: v for k, v in ckpt["model_config"].items() if k != "model"})
     net.load_state_dict(ckpt["ema"], strict=True)
     net.load_state_dict(ckpt["model"], strict=True)
+
+
+FLOW_REPA = ["--model", "DiT-Digits/4", "--objective", "flow", "--time-sampling", "logit-normal", "--repa-encoder",
+             REPA_ENCODER, "--repa-depth", "2", "--repa-projector-dim", "32", "--mixed-precision", "no",
+             "--ckpt-every", "100", "--log-every", "1", "--lr", "1e-3"]
+
+
+def test_flow_with_repa_trains_checkpoints_and_resumes_exactly(repa_store, tmp_path):
+    """SiT's flow with logit-normal t and REPA on the store's encoder tokens (a 2x2 grid, DiT-Digits/4's): the
+    checkpoint records the objective and keeps the projector apart from the strict DiT weights, the log
+    has the alignment loss, and 2 steps then --resume auto to 4 equal 4 uninterrupted steps exactly."""
+    whole = run(repa_store, tmp_path / "a", *FLOW_REPA, "--max-steps", "4")
+    run(repa_store, tmp_path / "b", *FLOW_REPA, "--max-steps", "2")
+    resumed = run(repa_store, tmp_path / "b", *FLOW_REPA, "--max-steps", "4", "--resume", "auto")
+    a = load(os.path.join(whole, "checkpoints", "0000004.pt"))
+    b = load(os.path.join(resumed, "checkpoints", "0000004.pt"))
+    for key in ("model", "ema", "projector", "opt", "rng_states"):
+        assert tensors_equal(a[key], b[key]), key
+    stats = log_stats(whole)
+    assert [stats[s]["loss"] for s in (3, 4)] == [log_stats(resumed)[s]["loss"] for s in (3, 4)]
+    assert all(-1 <= r["repa_loss"] <= 1 for r in stats.values()) and stats[4]["repa_loss"] != stats[1]["repa_loss"]
+
+    assert a["objective"] == dict(objective="flow", path="linear", prediction="velocity",
+                                  time="t=0 noise, t=1 data; the model is fed t in [0, 1]",
+                                  time_sampling="logit-normal",
+                                  logit_normal_loc=0.0, logit_normal_scale=1.0)
+    cfg = {k: v for k, v in a["model_config"].items() if k != "model"}
+    models.DiT_models["DiT-Digits/4"](**cfg).load_state_dict(a["ema"], strict=True)
+    models.Projector(192, 192, 32).load_state_dict(a["projector"], strict=True)
+    after2 = load(os.path.join(resumed, "checkpoints", "0000002.pt"))["projector"]
+    assert all(not torch.equal(after2[k], v) for k, v in a["projector"].items())  # trained with the model
+    unaligned = run(repa_store, tmp_path / "c", *FLOW_REPA, "--max-steps", "4", "--repa-coeff", "0")
+    c = load(os.path.join(unaligned, "checkpoints", "0000004.pt"))
+    # The alignment loss reaches the DiT's weights below the aligned block.
+    assert not torch.equal(c["model"]["blocks.0.attn.qkv.weight"], a["model"]["blocks.0.attn.qkv.weight"])
+    assert "REPA: block 2 aligned with deit_tiny_distilled_patch16_224's 192-wide tokens" in log_text(whole)
+    loaded = checkpoints.load_checkpoint(os.path.join(whole, "checkpoints", "0000004.pt"))
+    assert loaded.objective["objective"] == "flow"
+
+
+def test_pool_tokens_averages_squares_of_the_encoder_grid():
+    z = torch.arange(2 * 16 * 3, dtype=torch.float32).reshape(2, 16, 3)  # a 4x4 grid of 3-vectors, row-major
+    pooled = train.pool_tokens(z, 2)
+    assert pooled.shape == (2, 4, 3)
+    torch.testing.assert_close(pooled[:, 0], (z[:, 0] + z[:, 1] + z[:, 4] + z[:, 5]) / 4)
+    torch.testing.assert_close(pooled[:, 3], (z[:, 10] + z[:, 11] + z[:, 14] + z[:, 15]) / 4)
+    assert train.pool_tokens(z, 1) is z
+
+
+def test_flow_and_repa_refusals(repa_store, latent_store, tmp_path):
+    """REPA on a store without features, another encoder's name, a block beyond the depth, a token grid that
+    cannot be matched, REPA flags without REPA, logit-normal DDPM, and resuming with another objective."""
+    def parse_error(*argv):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--features-path", latent_store, *argv])
+    parse_error("--time-sampling", "logit-normal")
+    parse_error("--repa-depth", "4")
+    parse_error("--repa-encoder", "x", "--repa-depth", "0")
+
+    with pytest.raises(train.TrainError, match="tiny16 holds no encoder features for REPA: .* with "
+                                               "extract_features.py --repa-encoder NAME"):
+        run(latent_store, tmp_path, *FLOW_REPA, "--max-steps", "1")
+    with pytest.raises(train.TrainError, match=f"--repa-encoder vit_small: the store .* holds the features of "
+                                               f"{REPA_ENCODER}"):
+        run(repa_store, tmp_path, *FLOW_REPA, "--repa-encoder", "vit_small", "--max-steps", "1")
+    with pytest.raises(train.TrainError, match="--repa-depth 7 is beyond DiT-Digits/4's 6 blocks"):
+        run(repa_store, tmp_path, *FLOW_REPA, "--repa-depth", "7", "--max-steps", "1")
+    with pytest.raises(train.TrainError, match=f"{REPA_ENCODER}'s 2x2 token grid cannot be matched to "
+                                               f"DiT-Digits/2's 4x4 tokens"):
+        run(repa_store, tmp_path, *FLOW_REPA, "--model", "DiT-Digits/2", "--max-steps", "1")
+
+    exp = run(repa_store, tmp_path / "flow", "--model", "DiT-Digits/4", "--objective", "flow", "--max-steps", "1",
+              "--mixed-precision", "no")
+    with pytest.raises(runs.RunError, match="--objective ddpm: .* was trained with flow; resume with the same"):
+        run(repa_store, tmp_path / "flow", "--model", "DiT-Digits/4", "--max-steps", "2", "--mixed-precision", "no",
+            "--resume", os.path.join(exp, "checkpoints", "0000001.pt"))
