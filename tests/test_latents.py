@@ -154,7 +154,7 @@ def test_a_store_older_than_repa_reads_as_without_features(tmp_path, latent_stor
 
 @pytest.mark.parametrize("damage", ["truncated shard", "missing shard", "other shape", "labels", "meta",
                                     "meta without a key", "meta not an object", "meta value", "shard named outside",
-                                    "label out of range"])
+                                    "label out of range", "meta repa value"])
 def test_damaged_store_is_refused_at_open_naming_the_file(tmp_path, latent_store, damage):
     """Found when the dataset is made (train.py: before a run folder exists), not by a read error or a
     SIGBUS in a DataLoader worker later."""
@@ -193,6 +193,10 @@ def test_damaged_store_is_refused_at_open_naming_the_file(tmp_path, latent_store
         elif damage == "meta value":
             meta["dtype"] = "float8"
             want = r"meta.json is damaged: dtype='float8'"
+        elif damage == "meta repa value":  # the reader builds the features' shape from it
+            meta["repa"] = latents.repa_settings("vit", "timm hub", 32, [2, 2], 192, [0.5] * 3, [0.5] * 3)
+            meta["repa"]["grid"] = [2, -2]
+            want = r"meta.json is damaged: repa=\{'encoder': 'vit'"
         else:
             shutil.move(shard, tmp_path / "secret.npy")
             meta["shards"][2]["file"] = "../secret.npy"
