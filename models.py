@@ -120,6 +120,13 @@ class LabelEmbedder(nn.Module):
 #################################################################################
 
 
+def _xavier_linear(module):
+    """Transformer linears: Xavier-uniform weights (ViT practice), zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        nn.init.constant_(module.bias, 0)
+
+
 def modulate(x, shift, scale):
     """adaLN: x * (1 + scale) + shift, per sample; x (N, T, D), shift and scale (N, D)."""
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
@@ -157,7 +164,12 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """A transformer block whose LayerNorms are modulated, and residuals gated, by the condition c."""
+    """A transformer block whose LayerNorms are modulated, and residuals gated, by the condition c.
+
+    It attends within each of its B input sequences. B may be G times the number N of conditions, each
+    sample's G sequences consecutive (VDiT's frames, or its spatial positions): the modulation is then
+    computed once per sample and broadcast over its G*T tokens rather than once per sequence.
+    """
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
         super().__init__()
@@ -167,12 +179,17 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x, c):
-        # x (N, T, D) tokens, c (N, D) condition
+    def forward(self, x, c, pos=None):
+        # x (B, T, D) tokens, B = N*G; c (N, D) condition; pos None or (1, T, D), added to the attention's
+        # input only, never to the residual stream (VDiT's temporal position: see VDiT)
+        B, T, D = x.shape
+        N = c.shape[0]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        h = self.norm1(x if pos is None else x + pos).reshape(N, -1, D)      # (N, G*T, D)
+        h = self.attn(modulate(h, shift_msa, scale_msa).reshape(B, T, D))   # (B, T, D)
+        x = torch.addcmul(x.reshape(N, -1, D), gate_msa.unsqueeze(1), h.reshape(N, -1, D))  # (N, G*T, D)
         x = torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
-        return x  # (N, T, D)
+        return x.reshape(B, T, D)  # (B, T, D)
 
 
 class FinalLayer(nn.Module):
@@ -238,12 +255,7 @@ class DiT(nn.Module):
     def initialize_weights(self):
         """The reference's initialisation; each choice with its reason."""
         # Transformer linears: Xavier-uniform (ViT practice), zero biases.
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
+        self.apply(_xavier_linear)
 
         # Position embedding: fixed 2-D sin-cos, so the model needs no learned positions.
         grid_size = self.input_size // self.patch_size
@@ -294,28 +306,37 @@ class DiT(nn.Module):
         :return: [N x out_channels x H x W].
         """
         x = self.x_embedder(x) + self.pos_embed              # (N, T, D), T = H*W / p^2
+        c = self.condition(t, y, force_drop_ids)             # (N, D)
+        for block in self.blocks:
+            x = self.run_block(block, x, c)                  # (N, T, D)
+        x = self.final_layer(x, c)                           # (N, T, p*p*out_channels)
+        return self.unpatchify(x)                            # (N, out_channels, H, W)
+
+    def condition(self, t, y, force_drop_ids):
+        """:return: [N x D] the condition c of adaLN: the timestep embedding plus the label's (see forward)."""
         c = self.t_embedder(t)                               # (N, D)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, use_reentrant=False)  # (N, T, D)
-            else:
-                x = block(x, c)                              # (N, T, D)
-        x = self.final_layer(x, c)                           # (N, T, p*p*out_channels)
-        return self.unpatchify(x)                            # (N, out_channels, H, W)
+        return c
+
+    def run_block(self, block, x, c, pos=None):
+        """block(x, c, pos), recomputed in the backward pass under grad_checkpointing."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, c, pos, use_reentrant=False)
+        return block(x, c, pos)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guidance=Guidance.DIT, interval=None):
         """
         Classifier-free guidance: one batched pass over the conditional and the null-label half.
-        :param x: [2N x C x H x W]; only the first half is read, the second is its copy.
+        :param x: [2N x C x H x W] ([2N x C x F x H x W] for a VDiT); only the first half is read, the second
+            is its copy.
         :param t: [2N] timesteps of the original (unrespaced) process.
         :param y: [2N] labels: the N classes, then N null labels (num_classes).
         :param cfg_scale: the guidance scale s in eps_uncond + s * (eps_cond - eps_uncond).
         :param guidance: a Guidance (or its string): which noise channels are guided.
         :param interval: optional (t_lo, t_hi): guide only where t_lo <= t <= t_hi; elsewhere the
             conditional prediction is returned unchanged.
-        :return: [2N x out_channels x H x W], both halves the guided prediction.
+        :return: [2N x out_channels x H x W] (x F for a VDiT), both halves the guided prediction.
         """
         if self.y_embedder is None:
             raise ValueError("classifier-free guidance needs a class-conditional model (num_classes > 0)")
@@ -329,10 +350,106 @@ class DiT(nn.Module):
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         if interval is not None:
             t_lo, t_hi = interval
-            t_half = t[: len(half)].view(-1, 1, 1, 1)
+            t_half = t[: len(half)].view(-1, *[1] * (half_eps.dim() - 1))  # (N, 1, 1, 1), or (N, 1, 1, 1, 1) for video
             half_eps = torch.where((t_lo <= t_half) & (t_half <= t_hi), half_eps, cond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
+
+
+class VDiT(DiT):
+    """DiT over video: [N, C, F, H, W] clips, every DiT block followed by a temporal block.
+
+    The factorisation is Latte's variant 1 (Ma et al. 2024, "Latte: Latent Diffusion Transformer for Video
+    Generation"), spatial and temporal transformer blocks interleaved, which its ablation of four ways to
+    split spatio-temporal attention found best (against all spatial blocks before all temporal ones,
+    spatial then temporal attention inside one block, and heads split between the two). Full attention
+    over all F*h*w tokens is what the four avoid: its cost grows with (F*h*w)^2.
+
+    Each of DiT's `depth` blocks (`blocks`, the image model's keys and weights: attention over a frame's
+    h*w tokens) is followed by `temporal_blocks[i]`, a DiTBlock of the same width attending over the F
+    frames at each spatial position, conditioned by adaLN-Zero on the same c (time + class). Its gates
+    start at zero, so it starts as the identity and the untrained VDiT is the image DiT applied to each
+    frame, as Open-Sora 1.0's STDiT starts from its image model (there by a zeroed temporal output
+    projection). An image checkpoint therefore fills every spatial block (load_image_weights), and the
+    video model has twice the image model's blocks (Latte instead splits one depth between the two).
+
+    The frame order is a fixed 1-D sin-cos embedding, `temporal_pos_embed` [1, F, D], added to the input
+    of every temporal block's attention (before its LayerNorm) and never to the residual stream: Latte
+    adds it to the stream before the first temporal block, which would change the next spatial blocks'
+    input and break the per-frame start; Open-Sora adds it to the first temporal attention's input only,
+    but at initialisation that block writes nothing into the stream, so the later temporal attentions
+    would not see the order; adding it to each costs one addition per block.
+    """
+
+    def __init__(self, num_frames=16, **kwargs):
+        super().__init__(**kwargs)
+        self.num_frames = num_frames
+        hidden_size = self.pos_embed.shape[-1]
+        mlp_ratio = self.blocks[0].mlp.fc1.out_features / hidden_size
+        self.temporal_blocks = nn.ModuleList(
+            [DiTBlock(hidden_size, self.num_heads, mlp_ratio) for _ in range(len(self.blocks))])
+        # Fixed sin-cos embedding, a frozen parameter as pos_embed, so checkpoints store it alike.
+        self.temporal_pos_embed = nn.Parameter(torch.zeros(1, num_frames, hidden_size), requires_grad=False)
+        self.initialize_temporal_weights()
+
+    def initialize_temporal_weights(self):
+        """The temporal part's initialisation (DiT.initialize_weights did the spatial part); each choice with
+        its reason."""
+        # Linears as DiT's own: Xavier-uniform, zero biases.
+        self.temporal_blocks.apply(_xavier_linear)
+        # Frame positions: fixed 1-D sin-cos over the frame index, as pos_embed is 2-D sin-cos over the grid.
+        pos = get_1d_sincos_pos_embed(self.temporal_pos_embed.shape[-1], np.arange(self.num_frames, dtype=np.float64))
+        self.temporal_pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        # adaLN-Zero: zero gates, so each temporal block is the identity and the model starts as the image
+        # model on each frame (the identity-at-initialisation test holds to float precision).
+        for block in self.temporal_blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+
+    def forward(self, x, t, y=None, force_drop_ids=None):
+        """
+        :param x: [N x C x F x H x W] noisy clips, F = num_frames.
+        :param t, y, force_drop_ids: as DiT.forward, one per clip.
+        :return: [N x out_channels x F x H x W].
+        """
+        N, C, Fr, H, W = x.shape
+        if Fr != self.num_frames:
+            raise ValueError(f"this VDiT takes clips of {self.num_frames} frames, not {Fr}")
+        x = x.transpose(1, 2).reshape(N * Fr, C, H, W)             # (N*F, C, H, W) frames as images
+        x = self.x_embedder(x) + self.pos_embed                     # (N*F, S, D), S = H*W / p^2
+        S, D = x.shape[1:]
+        c = self.condition(t, y, force_drop_ids)                    # (N, D)
+        for block, temporal in zip(self.blocks, self.temporal_blocks):
+            x = self.run_block(block, x, c)                         # (N*F, S, D) attention within each frame
+            x = x.reshape(N, Fr, S, D).transpose(1, 2).reshape(N * S, Fr, D)  # (N*S, F, D)
+            x = self.run_block(temporal, x, c, self.temporal_pos_embed)     # (N*S, F, D) attention over frames
+            x = x.reshape(N, S, Fr, D).transpose(1, 2).reshape(N * Fr, S, D)  # (N*F, S, D)
+        x = self.final_layer(x.reshape(N, Fr * S, D), c)            # (N, F*S, p*p*out_channels)
+        x = self.unpatchify(x.reshape(N * Fr, S, -1))               # (N*F, out_channels, H, W)
+        return x.reshape(N, Fr, -1, H, W).transpose(1, 2).contiguous()  # (N, out_channels, F, H, W)
+
+
+def load_image_weights(video_model, state_dict):
+    """
+    Fills a VDiT's spatial part from an image DiT's state_dict of the same width (a released DiT-XL/2
+    checkpoint for VDiT-XL/2 included): every key of state_dict must be a key of the video model with the
+    same shape. To start a model with other classes from ImageNet weights, leave y_embedder's table out of
+    state_dict: it then keeps its initialisation and is listed with the rest.
+    :param video_model: a VDiT.
+    :param state_dict: the image model's weights (name -> tensor).
+    :return: the video model's keys it did not fill, in state_dict order (the temporal ones, and any left out).
+    :raises ValueError: naming an image key the video model lacks, or a key and both shapes where they differ.
+    """
+    target = video_model.state_dict()
+    extra = [k for k in state_dict if k not in target]
+    if extra:
+        raise ValueError(f"{len(extra)} image keys have no place in the video model: {', '.join(extra[:5])}")
+    for k, v in state_dict.items():
+        if tuple(v.shape) != tuple(target[k].shape):
+            raise ValueError(f"{k}: the image checkpoint has shape {list(v.shape)}, the video model "
+                             f"{list(target[k].shape)} (another width, patch, input size or class count)")
+    video_model.load_state_dict(state_dict, strict=False)
+    return [k for k in target if k not in state_dict]
 
 
 #################################################################################
@@ -383,22 +500,27 @@ def alignment_loss(projected, features):
 
 def forward_flops_per_image(model):
     """
-    Matmul FLOPs (2 per multiply-add) of one forward pass of a DiT for one image, from its shapes.
-    Per block and token: qkv 3D^2, attention projection D^2, MLP 2 * D * hidden multiply-adds, plus
-    QK^T and AV, 2 T D each; per block and image the adaLN linear (D -> 6D). Then the patch
-    embedding, the final layer and its adaLN (D -> 2D), and the timestep MLP (256 -> D -> D). Norms,
-    softmax and elementwise work are left out, as in MFU figures. Training costs 3x this (the backward
-    is two matmuls per forward matmul); gradient checkpointing recomputes the forward, but that extra
-    work is not counted as useful (the usual MFU convention).
+    Matmul FLOPs (2 per multiply-add) of one forward pass of a DiT for one image, or of a VDiT for one clip
+    of F = num_frames frames, from its shapes. Per block and token: qkv 3D^2, attention projection D^2,
+    MLP 2 * D * hidden multiply-adds, plus QK^T and AV, 2 L D each for a sequence of L tokens; per block
+    and sample the adaLN linear (D -> 6D). A DiT block attends over the T tokens of a frame (F = 1 for a
+    DiT); a VDiT's temporal block over the F frames at each of the T positions. Then the patch embedding,
+    the final layer and its adaLN (D -> 2D), and the timestep MLP (256 -> D -> D). Norms, softmax and
+    elementwise work are left out, as in MFU figures. Training costs 3x this (the backward is two matmuls
+    per forward matmul); gradient checkpointing recomputes the forward, but that extra work is not counted
+    as useful (the usual MFU convention).
     """
     T = (model.input_size // model.patch_size) ** 2
+    frames = getattr(model, "num_frames", 1)
     D = model.pos_embed.shape[-1]
     p2 = model.patch_size ** 2
     hidden = model.blocks[0].mlp.fc1.out_features
-    block = T * (4 * D * D + 2 * D * hidden + 2 * T * D) + 6 * D * D
-    rest = T * (model.in_channels * p2 * D + D * p2 * model.out_channels) + 2 * D * D \
+    per_token = 4 * D * D + 2 * D * hidden
+    block = frames * T * (per_token + 2 * T * D) + 6 * D * D
+    temporal = T * frames * (per_token + 2 * frames * D) + 6 * D * D
+    rest = frames * T * (model.in_channels * p2 * D + D * p2 * model.out_channels) + 2 * D * D \
         + model.t_embedder.frequency_embedding_size * D + D * D
-    return 2 * (len(model.blocks) * block + rest)
+    return 2 * (len(model.blocks) * block + len(getattr(model, "temporal_blocks", ())) * temporal + rest)
 
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size):
@@ -432,9 +554,9 @@ DIT_CONFIGS = {
 }
 
 
-def _make_constructor(depth, hidden_size, num_heads, patch_size):
+def _make_constructor(depth, hidden_size, num_heads, patch_size, cls=DiT):
     def constructor(**kwargs):
-        return DiT(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **kwargs)
+        return cls(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **kwargs)
 
     return constructor
 
@@ -453,3 +575,8 @@ DiT_S_2, DiT_S_4, DiT_S_8 = DiT_models["DiT-S/2"], DiT_models["DiT-S/4"], DiT_mo
 # holds the paper's sizes only.
 DiT_models["DiT-Digits/2"] = _make_constructor(depth=6, hidden_size=192, num_heads=4, patch_size=2)
 DiT_models["DiT-Digits/4"] = _make_constructor(depth=6, hidden_size=192, num_heads=4, patch_size=4)
+
+# Video sizes: each DiT size (and the digits demo's /4) with a temporal block after every block, so that
+# the image model of the same name without the "V" fills its spatial part (load_image_weights).
+VDiT_models = {"V" + name: _make_constructor(*config, cls=VDiT) for name, config in DIT_CONFIGS.items()}
+VDiT_models["VDiT-Digits/4"] = _make_constructor(depth=6, hidden_size=192, num_heads=4, patch_size=4, cls=VDiT)

@@ -6,8 +6,9 @@ import zlib
 import pytest
 import torch
 
-from conftest import GOLDEN_DIR
-from models import DIT_CONFIGS, DiT, DiT_models, DiT_XL_2, Guidance, forward_flops_per_image, get_2d_sincos_pos_embed
+from conftest import GOLDEN_DIR, randomize
+from models import (DIT_CONFIGS, DiT, DiT_models, DiT_XL_2, Guidance, VDiT_models, forward_flops_per_image,
+                    get_2d_sincos_pos_embed, load_image_weights)
 
 PAPER_SIZES = [f"DiT-{s}/{p}" for s in ("XL", "L", "B", "S") for p in (2, 4, 8)]
 
@@ -208,4 +209,153 @@ def test_flop_count_matches_torch_flop_counter(name):
         x, t, y = torch.randn(2, 4, 32, 32), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
         with FlopCounterMode(display=False) as counter:
             model(x, t, y)
+    assert counter.get_total_flops() == 2 * forward_flops_per_image(model)
+
+
+#################################################################################
+#                                  Video: VDiT                                  #
+#################################################################################
+
+FRAMES = 3
+
+
+def video_pair(learn_sigma=True):
+    """A randomized image DiT-Digits/4 and a VDiT-Digits/4 whose spatial part it filled; temporal blocks at init."""
+    image = randomize(DiT_models["DiT-Digits/4"](input_size=8, in_channels=3, num_classes=10, learn_sigma=learn_sigma))
+    torch.manual_seed(0)
+    video = VDiT_models["VDiT-Digits/4"](input_size=8, in_channels=3, num_classes=10, learn_sigma=learn_sigma,
+                                         num_frames=FRAMES).eval()
+    load_image_weights(video, image.state_dict())
+    return image, video
+
+
+def clip_inputs(n=2):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, FRAMES, 8, 8, generator=g), torch.tensor([3, 700, 400][:n]), torch.tensor([1, 7, 4][:n])
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_video_model_starts_as_the_image_model_on_each_frame(learn_sigma):
+    image, video = video_pair(learn_sigma)
+    x, t, y = clip_inputs()
+    with torch.no_grad():
+        out = video(x, t, y)
+        per_frame = torch.stack([image(x[:, :, f], t, y) for f in range(FRAMES)], dim=2)  # (N, out, F, H, W)
+    assert out.shape == (2, 6 if learn_sigma else 3, FRAMES, 8, 8)
+    assert per_frame.abs().max() > 0.1  # randomized spatial weights: not adaLN-Zero's all-zero output
+    torch.testing.assert_close(out, per_frame, rtol=0, atol=1e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_frames_interact_only_through_trained_temporal_blocks():
+    _, video = video_pair()
+    x, t, y = clip_inputs()
+    moved = x.clone()
+    moved[:, :, 1] += 1.0  # another frame 1
+    with torch.no_grad():
+        assert torch.equal(video(x, t, y)[:, :, 0], video(moved, t, y)[:, :, 0])
+        randomize(video, seed=3)  # as after training: temporal gates open
+        assert not torch.allclose(video(x, t, y)[:, :, 0], video(moved, t, y)[:, :, 0], atol=1e-4)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_load_image_weights_fills_the_spatial_part_and_lists_the_rest():
+    image, video = video_pair()
+    fresh = VDiT_models["VDiT-Digits/4"](input_size=8, in_channels=3, num_classes=10, num_frames=FRAMES)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    left = load_image_weights(fresh, image.state_dict())
+    after = fresh.state_dict()
+    assert left == [k for k in after if k.startswith("temporal_")] and len(left) == 1 + 6 * 10
+    for k, v in image.state_dict().items():
+        assert torch.equal(after[k], v)
+    for k in left:
+        assert torch.equal(after[k], before[k])
+    # Other classes: the label table is left out, keeps its init and is listed.
+    without_labels = {k: v for k, v in image.state_dict().items() if not k.startswith("y_embedder")}
+    other = VDiT_models["VDiT-Digits/4"](input_size=8, in_channels=3, num_classes=7, num_frames=FRAMES)
+    assert "y_embedder.embedding_table.weight" in load_image_weights(other, without_labels)
+
+
+def test_load_image_weights_refuses_another_width_or_unknown_keys():
+    with torch.device("meta"):
+        small = DiT_models["DiT-S/2"](input_size=16, num_classes=10).state_dict()
+        video = VDiT_models["VDiT-B/2"](input_size=16, num_classes=10, num_frames=FRAMES)
+    with pytest.raises(ValueError, match=r"pos_embed: the image checkpoint has shape \[1, 64, 384\], the video model \[1, 64, 768\]"):
+        load_image_weights(video, small)
+    with pytest.raises(ValueError, match="1 image keys have no place in the video model: repa_projector.weight"):
+        load_image_weights(video, {"repa_projector.weight": torch.empty(3, device="meta")})
+
+
+def test_released_dit_xl_2_fills_vdit_xl_2():
+    shapes = json.loads((GOLDEN_DIR / "DiT-XL-2-256x256.keys.json").read_text())
+    with torch.device("meta"):  # shapes only
+        video = VDiT_models["VDiT-XL/2"](input_size=32, num_frames=16)
+        left = load_image_weights(video, {k: torch.empty(v) for k, v in shapes.items()})
+    assert left == [k for k in video.state_dict() if k not in shapes]
+    assert all(k.startswith("temporal_") for k in left) and len(left) == 1 + 28 * 10
+    assert list(video.temporal_pos_embed.shape) == [1, 16, 1152]
+
+
+def test_video_sizes_table():
+    assert sorted(VDiT_models) == sorted(["V" + name for name in DIT_CONFIGS] + ["VDiT-Digits/4"])
+    assert set(DiT_models).isdisjoint(VDiT_models)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_video_cfg_at_scale_one_and_guidance_interval():
+    _, video = video_pair()
+    randomize(video, seed=5)
+    x, t, y = clip_inputs()
+    xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)])
+    with torch.no_grad():
+        cond = video(x, t, y)
+        torch.testing.assert_close(video.forward_with_cfg(xx, tt, yy, 1.0)[:2], cond, rtol=1e-5, atol=1e-5)
+        guided = video.forward_with_cfg(xx, tt, yy, 4.0)
+        # t = 3 is inside (0, 500): guided; t = 700 outside: the conditional prediction.
+        interval = video.forward_with_cfg(xx, tt, yy, 4.0, interval=(0, 500))
+        uncond = video(x, t, yy[2:])
+    assert guided.shape == (4, 6, FRAMES, 8, 8)
+    torch.testing.assert_close(guided[:2, :3], uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(interval[:1], guided[:1])
+    torch.testing.assert_close(interval[1:2], cond[1:2], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(guided[1:2, :3], cond[1:2, :3])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_video_grad_checkpointing_gives_identical_gradients():
+    _, video = video_pair()
+    randomize(video, seed=7).train()
+    x, t, y = clip_inputs()
+    drop = torch.tensor([0, 1])
+
+    def grads(checkpointing):
+        video.grad_checkpointing = checkpointing
+        video.zero_grad()
+        video(x, t, y, force_drop_ids=drop).square().mean().backward()
+        return [p.grad.clone() for p in video.parameters() if p.requires_grad]
+
+    plain, recomputed = grads(False), grads(True)
+    assert plain[-1].abs().sum() > 0
+    for a, b in zip(plain, recomputed):
+        assert torch.equal(a, b)
+
+
+def test_video_refuses_another_frame_count():
+    _, video = video_pair()
+    with pytest.raises(ValueError, match="clips of 3 frames, not 4"):
+        video(torch.randn(1, 3, 4, 8, 8), torch.tensor([1]), torch.tensor([1]))
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name,frames", [("VDiT-XL/2", 16), ("VDiT-S/4", 3)])
+def test_video_flop_count_matches_torch_flop_counter(name, frames):
+    """forward_flops_per_image gives a VDiT's per-clip figure: what torch counts for a real forward pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = VDiT_models[name](input_size=32, num_classes=1000, num_frames=frames).eval()
+        x, t = torch.randn(2, 4, frames, 32, 32), torch.zeros(2, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            model(x, t, t)
     assert counter.get_total_flops() == 2 * forward_flops_per_image(model)
