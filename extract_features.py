@@ -331,34 +331,20 @@ def load_repa_encoder(name, weights, input_size, image_size, device):
     if not timm.is_model(name):
         raise StoreError(f"--repa-encoder {name} is not a timm model name (e.g. vit_base_patch14_dinov2.lvd142m; "
                          f"timm.list_models('*dinov2*') lists more)")
-    not_vit = (f"--repa-encoder {name} is not a ViT-like timm encoder with a patch grid (patch_embed.grid_size, "
-               f"num_prefix_tokens): REPA aligns the DiT's tokens with such an encoder's patch tokens")
-    try:  # on the meta device: the structure, no weights
-        with torch.device("meta"):
-            probe = timm.create_model(name, pretrained=False, num_classes=0)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise StoreError(f"--repa-encoder {name}: timm cannot build it ({one_line(e)})") from e
-    patch_embed = getattr(probe, "patch_embed", None)
-    if not all(hasattr(m, a) for m, a in ((patch_embed, "grid_size"), (patch_embed, "patch_size"),
-                                          (probe, "num_prefix_tokens"))):
-        raise StoreError(not_vit)
-    patch = tuple(patch_embed.patch_size)
     if input_size is None:
-        input_size = max(1, round(image_size * 224 / 256 / max(patch))) * max(patch)
+        input_size = repa_input_size(timm, name, image_size)
+    model = build_repa_encoder(timm, name, weights, input_size).to(device).eval().requires_grad_(False)
+    patch = patch_size(model, name)
     if input_size % patch[0] or input_size % patch[1]:
         raise StoreError(f"--repa-input-size {input_size} is not a multiple of {name}'s patch "
                          f"{patch[0]}x{patch[1]}")
-    grid, prefix = [input_size // patch[0], input_size // patch[1]], probe.num_prefix_tokens
-
-    heads = probe.pretrained_cfg.get("classifier") or ()
-    model = build_repa_encoder(timm, name, weights, input_size, (heads,) if isinstance(heads, str) else heads)
-    model = model.to(device).eval().requires_grad_(False)
+    grid, prefix = [input_size // patch[0], input_size // patch[1]], model.num_prefix_tokens
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise StoreError(f"--repa-encoder {name}: its weights ({weights or 'from the hub'}) hold non-finite values")
     with torch.no_grad():  # one blank image: the token layout the store will hold
         tokens = model.forward_features(torch.zeros(1, 3, input_size, input_size, device=device))
     if tokens.dim() != 3 or tokens.shape[1] != prefix + grid[0] * grid[1]:
-        raise StoreError(f"{not_vit}: its forward_features gives {tuple(tokens.shape)} at {input_size} px, "
+        raise StoreError(f"{not_vit(name)}: its forward_features gives {tuple(tokens.shape)} at {input_size} px, "
                          f"not [1, {prefix} + {grid[0]} x {grid[1]}, D]")
     data = timm.data.resolve_data_config({}, model=model)
     source = (f"sha256:{sha256_file(weights)}" if weights else
@@ -368,20 +354,56 @@ def load_repa_encoder(name, weights, input_size, image_size, device):
     return RepaEncoder(model, input_size, prefix, settings["mean"], settings["std"]), settings
 
 
-def build_repa_encoder(timm, name, weights, input_size, heads):
-    """timm's model `name` at input_size without its classifier (the modules named `heads`), pretrained
-    weights loaded strictly. :raises StoreError: a file that is not a state_dict of it, or no hub
-    (weights None)."""
+def not_vit(name):
+    return (f"--repa-encoder {name} is not a ViT-like timm encoder with a patch grid (patch_embed.grid_size, "
+            f"num_prefix_tokens): REPA aligns the DiT's tokens with such an encoder's patch tokens")
+
+
+def patch_size(model, name):
+    """:return: (height, width) of the ViT-like model's patches. :raises StoreError: not ViT-like."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if not all(hasattr(m, a) for m, a in ((patch_embed, "grid_size"), (patch_embed, "patch_size"),
+                                          (model, "num_prefix_tokens"))):
+        raise StoreError(not_vit(name))
+    return tuple(patch_embed.patch_size)
+
+
+def repa_input_size(timm, name, image_size):
+    """REPA's input side for image_size-px images: image_size * 224 / 256 to the nearest multiple of the
+    encoder's patch (from the model built on the meta device: no weights, no memory)."""
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name, pretrained=False, num_classes=0)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise StoreError(f"--repa-encoder {name}: timm cannot build it ({one_line(e)})") from e
+    patch = max(patch_size(probe, name))
+    return max(1, round(image_size * 224 / 256 / patch)) * patch
+
+
+def build_repa_encoder(timm, name, weights, input_size):
+    """
+    timm's model `name` at input_size without its classifier, pretrained weights loaded strictly.
+
+    :raises StoreError: a model that takes no img_size (not ViT-like), a file that is not a state_dict
+            of it, or no hub (weights None).
+    """
+    def create(**kwargs):
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=0, img_size=input_size, **kwargs)
+        except TypeError as e:  # raised by the constructor, before any weights are read or downloaded
+            if "img_size" not in str(e):
+                raise
+            raise StoreError(not_vit(name)) from e
     if weights is None:
         try:
-            return timm.create_model(name, pretrained=True, num_classes=0, img_size=input_size)
+            return create()
         except (OSError, RuntimeError) as e:  # hub and network errors are OSErrors; no weights a RuntimeError
             raise StoreError(f"--repa-encoder {name}: cannot get its weights from timm's hub ({one_line(e)}); "
                              f"on a machine without the hub, give them as a file: --repa-encoder-weights "
                              f"PATH") from e
     if not os.path.isfile(weights):
         raise StoreError(f"--repa-encoder-weights {weights} is not a file")
-    from timm.models import load_state_dict
+    from timm.models import get_pretrained_cfg, load_state_dict
 
     try:
         state_dict = load_state_dict(weights, weights_only=True)  # no unpickling of arbitrary objects
@@ -389,12 +411,14 @@ def build_repa_encoder(timm, name, weights, input_size, heads):
         raise StoreError(f"--repa-encoder-weights {weights} is not a state_dict file ({one_line(e)})") from e
     # The classifier is dropped here, not by timm: timm loads non-strictly when num_classes differs from
     # the weights' (as it does for num_classes=0), and a file missing a key would leave that layer random.
-    for head in heads:
+    heads = getattr(get_pretrained_cfg(name), "classifier", None) or ()
+    for head in (heads,) if isinstance(heads, str) else heads:
         for key in (f"{head}.weight", f"{head}.bias"):
             state_dict.pop(key, None)
     try:
-        return timm.create_model(name, pretrained=True, num_classes=0, img_size=input_size,
-                                 pretrained_cfg_overlay=dict(state_dict=state_dict, num_classes=0))
+        return create(pretrained_cfg_overlay=dict(state_dict=state_dict, num_classes=0))
+    except StoreError:
+        raise
     except (RuntimeError, KeyError, ValueError) as e:  # missing, unexpected or mis-shaped keys
         raise StoreError(f"--repa-encoder-weights {weights} does not fit {name} ({one_line(e)})") from e
 

@@ -518,6 +518,7 @@ def test_damaged_repa_features_are_refused_then_written_again(tmp_path, repa_sto
 @pytest.mark.parametrize("case, why", [
     ("vit_no_such_model", "--repa-encoder vit_no_such_model is not a timm model name"),
     ("resnet18", "--repa-encoder resnet18 is not a ViT-like timm encoder with a patch grid"),
+    ("resnet18 at 32 px", "--repa-encoder resnet18 is not a ViT-like timm encoder with a patch grid"),
     ("input size", f"--repa-input-size 24 is not a multiple of {REPA_ENCODER}'s patch 16x16"),
     ("a key missing", f"--repa-encoder-weights .*missing.pt does not fit {REPA_ENCODER} \\(Error\\(s\\) in "
                       r"loading state_dict .* Missing key\(s\) in state_dict: \"blocks.3.mlp.fc1.weight\""),
@@ -533,6 +534,8 @@ def test_repa_encoder_errors_are_one_line(tmp_path, image_folder, repa_weights, 
     flags = dict(repa_encoder=REPA_ENCODER, repa_encoder_weights=repa_weights)
     if case in ("vit_no_such_model", "resnet18"):
         flags["repa_encoder"] = case
+    elif case == "resnet18 at 32 px":  # built with its weights at that size, no meta model to look at first
+        flags.update(repa_encoder="resnet18", repa_input_size=32)
     elif case == "input size":
         flags["repa_input_size"] = 24
     elif case == "a key missing":  # timm alone would load this non-strictly, leaving that layer random
