@@ -2,9 +2,9 @@
 Rank training recipes on the digits by a continuous score: DiT's DDPM, SiT's flow with logit-normal
 time, and the flow with REPA, trained at equal steps and batch with several seeds each.
 
-    python bench/convergence.py --out /tmp/convergence             # the full run (see bench/README.md)
+    python bench/convergence.py --out /tmp/convergence --png bench/convergence.png   # the full run, see below
     python bench/convergence.py --out /tmp/convergence_quick --quick   # every stage, briefly (checks, no figures)
-    python bench/convergence.py --out /tmp/convergence --seeds 5 --steps 900 --score-every 150
+    python bench/convergence.py --out /tmp/convergence --seeds 5 --steps 900 --score-every 150 --num-samples 300
 
 The digits demo (demo.py) saturates guided label accuracy, so it cannot tell recipes apart. Here:
 - Splits of scikit-learn's 1,797 8x8 digits, stratified, fixed: H (1/4) is the Frechet reference and
@@ -20,8 +20,8 @@ The digits demo (demo.py) saturates guided label accuracy, so it cannot tell rec
   patch tokens REPA reads are what is trained) and saved as a state_dict for extract_features.py
   --repa-encoder-weights. Supervised, because E is 674 images: too few for a self-supervised ViT to
   learn much on a CPU budget, and REPA's premise is a semantic encoder. The scorer and the encoder
-  share no weights and no image (checked in code): what REPA learns from the encoder cannot be fit to
-  the scorer's features.
+  share no weights and no image (checked in code), so the encoder cannot carry the scorer's features
+  or the reference's images into the DiT.
 - Training: train.py as a subprocess per (recipe, seed) with the demo's settings (DiT-Digits/4, batch
   128, lr 6e-3, 100 warm-up steps, EMA 0.999 with warm-up, no flips, float32), --jobs at once with one
   thread each, a checkpoint every --score-every steps. A rerun skips finished trainings and scores.
@@ -225,8 +225,8 @@ class Reference:
 def encoder_inputs(images, model):
     """
     :param images: [N x 8 x 8 x 3] uint8 digits.
-    :return: [N x 3 x 32 x 32] what extract_features.py feeds the encoder: [0, 1], bicubic to ENCODER_INPUT
-             (upsampling: antialiasing changes nothing), then the encoder's mean and std.
+    :return: [N x 3 x 32 x 32] what extract_features.RepaEncoder feeds the encoder (it runs under no_grad, so
+             its steps are repeated here): [0, 1], bicubic to ENCODER_INPUT, the encoder's mean and std.
     """
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
     x = torch.nn.functional.interpolate(x, size=(ENCODER_INPUT, ENCODER_INPUT), mode="bicubic", align_corners=False)
@@ -567,8 +567,8 @@ def make_store(folder, store, encoder_weights):
     process; it finds nothing to do when the store is complete)."""
     _, store_args = extract_features.parse_args([
         "--data-path", folder, "--features-path", store, "--image-size", "8", "--vae", "none", "--dtype", "float32",
-        "--num-workers", "0", "--repa-encoder", ENCODER, "--repa-encoder-weights", encoder_weights,
-        "--repa-input-size", str(ENCODER_INPUT)])
+        "--num-workers", "0", "--batch-size", "512",  # a few large batches: each batch is flushed to disk
+        "--repa-encoder", ENCODER, "--repa-encoder-weights", encoder_weights, "--repa-input-size", str(ENCODER_INPUT)])
     extract_features.main(store_args)
 
 
@@ -594,14 +594,17 @@ def main(args):
     print(f"[scorer] trained on S; accuracy on H {ceiling:.1%}; {floor['samples']} real digits of E score "
           f"{floor['fd']:.3f}")
 
-    encoder_weights = os.path.join(args.out, "encoder.pt")
-    encoder_accuracy = None
-    if not os.path.exists(encoder_weights):
+    encoder_weights, encoder_record = (os.path.join(args.out, name) for name in ("encoder.pt", "encoder.json"))
+    if not os.path.exists(encoder_record):
         stage = time.time()
-        encoder_accuracy = train_encoder(images[splits.encoder], digits.target[splits.encoder], encoder_weights,
-                                         args.encoder_epochs)
-        seconds["encoder"] = round(time.time() - stage, 1)
-        print(f"[encoder] trained on E in {seconds['encoder']:.0f} s; its head's accuracy on E {encoder_accuracy:.1%}")
+        accuracy = train_encoder(images[splits.encoder], digits.target[splits.encoder], encoder_weights,
+                                 args.encoder_epochs)
+        with atomic_write(encoder_record, "w") as f:
+            json.dump(dict(head_accuracy_on_E=accuracy, seconds=round(time.time() - stage, 1)), f)
+    with open(encoder_record) as f:
+        encoder_trained = json.load(f)
+    print(f"[encoder] trained on E in {encoder_trained['seconds']:.0f} s; its head's accuracy on E "
+          f"{encoder_trained['head_accuracy_on_E']:.1%}")
     store = os.path.join(args.out, "store")
     make_store(folder, store, encoder_weights)
 
@@ -623,7 +626,7 @@ def main(args):
         scorer=dict(network=f"MLP 64-128-{FEATURES}-10, features: the tanh of the {FEATURES}", trained_on="S",
                     held_out_accuracy=ceiling),
         encoder=dict(name=ENCODER, input_size=ENCODER_INPUT, trained_on="E", objective="supervised (E's labels)",
-                     head_accuracy_on_E=encoder_accuracy),
+                     epochs=args.encoder_epochs, **encoder_trained),
         independence=independence, floor=floor, table=table, reach=reach,
         scores={name: {str(k): v for k, v in sorted(by_step.items())} for name, by_step in scores.items()},
         seconds=seconds, load_average=os.getloadavg())
@@ -633,7 +636,8 @@ def main(args):
     with atomic_write(os.path.join(args.out, "convergence.md"), "w") as f:
         f.write(text)
     png = os.path.join(args.out, "convergence.png")
-    draw_curves(table, floor["fd"], f"Frechet distance to held-out digits, log scale ({args.seeds} seeds: mean, range)").save(png)
+    title = f"Frechet distance to held-out digits, log scale ({args.seeds} seeds: mean, range)"
+    draw_curves(table, floor["fd"], title).save(png)
     if args.png:
         shutil.copyfile(png, args.png)
     print("\n" + text + f"\nwrote {args.out}/convergence.json, .md, .png in {seconds['total'] / 60:.1f} min")
@@ -654,13 +658,13 @@ def parse_args(argv=None):
     parser.add_argument("--score-every", type=int, default=None, help="score a checkpoint every this many steps "
                                                                       "(default 100; --quick 10)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings and scorings at once, one thread each")
-    parser.add_argument("--num-samples", type=int, default=None, help="digits per checkpoint (default 300; --quick 64)")
+    parser.add_argument("--num-samples", type=int, default=None, help="digits per checkpoint (default 150; --quick 64)")
     parser.add_argument("--sampling-steps", type=int, default=None,
                         help="model evaluations per digit (default 250, DiT's and SiT's; --quick 10)")
     parser.add_argument("--encoder-epochs", type=int, default=None, help="the REPA encoder's (default 15; --quick 1)")
     parser.add_argument("--png", default=None, help="also copy the curve here (e.g. bench/convergence.png)")
     args = parser.parse_args(argv)
-    defaults = dict(seeds=(3, 1), steps=(600, 20), score_every=(100, 10), num_samples=(300, 64),
+    defaults = dict(seeds=(3, 1), steps=(600, 20), score_every=(100, 10), num_samples=(150, 64),
                     sampling_steps=(250, 10), encoder_epochs=(15, 1))
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
