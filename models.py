@@ -4,12 +4,17 @@
     model = DiT_models["DiT-XL/2"](input_size=32)            # 256x256 images -> 32x32 latents
     model.load_state_dict(torch.load("DiT-XL-2-256x256.pt"))  # released checkpoints load unchanged
 
+    from models import VDiT_models, load_image_weights    # video: [N, C, F, H, W] clips
+    video = VDiT_models["VDiT-XL/2"](input_size=32, num_frames=16)
+    load_image_weights(video, torch.load("DiT-XL-2-256x256.pt"))  # the spatial part; starts as DiT per frame
+
 Module and parameter names follow the paper and are the checkpoint's keys, so they must not change.
 Numerically this equals the published code (facebookresearch/DiT, commit ed81ce2) for the same
 weights and inputs; tests/test_models.py checks it against tests/golden/. It differs in how the
 work is done: attention goes through `scaled_dot_product_attention`, adaLN modulation and gated
 residuals are fused into single `addcmul` kernels, the patch embedding is a matmul, and each block can
-be recomputed in the backward pass (gradient checkpointing) without changing any number.
+be recomputed in the backward pass (gradient checkpointing) without changing any number. VDiT, the
+video model, is DiT's blocks plus temporal ones (see its docstring).
 """
 import enum
 import math
@@ -363,7 +368,9 @@ class VDiT(DiT):
     Generation"), spatial and temporal transformer blocks interleaved, which its ablation of four ways to
     split spatio-temporal attention found best (against all spatial blocks before all temporal ones,
     spatial then temporal attention inside one block, and heads split between the two). Full attention
-    over all F*h*w tokens is what the four avoid: its cost grows with (F*h*w)^2.
+    over all F*h*w tokens is what the four avoid: its cost grows with (F*h*w)^2. (Code read for these
+    facts: github.com/Vchitect/Latte/blob/b27c24a17487e3c33ae4e92364521303d0f14845/models/latte.py and
+    github.com/hpcaitech/Open-Sora/blob/c861b988ad109e528a919f99f1a6e74137365f91/opensora/models/stdit/stdit.py.)
 
     Each of DiT's `depth` blocks (`blocks`, the image model's keys and weights: attention over a frame's
     h*w tokens) is followed by `temporal_blocks[i]`, a DiTBlock of the same width attending over the F
