@@ -14,7 +14,8 @@ A train.py checkpoint (`results/NNN-<model>/checkpoints/SSSSSSS.pt`) is a dict o
 loadable with torch.load(weights_only=True):
     model, ema       {name: tensor} of the trained and the EMA weights (float32, whole, on the CPU)
     opt, scheduler   the optimizer's and the learning-rate schedule's state_dicts
-    model_config     DiT_models name and constructor arguments (model, input_size, in_channels, ...)
+    model_config     DiT_models or VDiT_models name and constructor arguments (model, input_size, in_channels,
+                     ...; num_frames for a video model, and only for one)
     latents          the latent store's meta.json (autoencoder, scaling factor, image size, classes, ...)
     train_config     train.py's flags
     step             optimisation steps taken
@@ -43,7 +44,7 @@ import torch
 from diffusion.flow import FlowMatching, TimeSampling
 from downloads import PRETRAINED_DIR, DownloadError, download, fetch, first_line
 from files import UserError, atomic_write
-from models import DIT_CONFIGS, DiT_models
+from models import DIT_CONFIGS, DiT_models, VDiT_models
 from vae import VAE_PRESETS
 
 # The released weights (plain state_dicts of EMA models, all with DiT-XL/2's keys and shapes) and their
@@ -62,11 +63,13 @@ DDPM_OBJECTIVE = {"objective": "ddpm"}
 SIT_OBJECTIVE = FlowMatching(TimeSampling.UNIFORM).config()
 RELEASED_OBJECTIVES = {name: SIT_OBJECTIVE if name.startswith("SiT-") else DDPM_OBJECTIVE
                        for name in RELEASED_CHECKPOINTS}
+# Every size the scripts build by name: the image DiTs and the video ones (clips [N, C, F, H, W]).
+MODELS = DiT_models | VDiT_models
 CKPT_RE = re.compile(r"^(\d{7,})\.pt$")  # train.py's checkpoint names: the step, 7 digits or more
 
 # Store metadata that must match for a checkpoint to continue training on a store.
 STORE_IDENTITY = ("vae", "scaling_factor", "image_size", "latent_shape", "num_classes", "class_names",
-                  "count", "files_sha1")
+                  "count", "files_sha1", "frames", "frame_stride")
 
 
 class CheckpointError(UserError, ValueError):
@@ -183,7 +186,8 @@ def _shown(value):
 # What a checkpoint may say about its model (Checkpoint.config's keys), each with what a value must be.
 # The bounds only keep crafted values from reaching the model's constructor; real ones are far below.
 CONFIG_CHECKS = {
-    "model": ("a name in models.DiT_models", lambda v: isinstance(v, str) and v in DiT_models),
+    "model": ("a name in models.DiT_models or VDiT_models", lambda v: isinstance(v, str) and v in MODELS),
+    "num_frames": ("an integer in 1..4096", lambda v: _is_int(v, 1, 2**12)),
     "input_size": ("an integer in 1..65536", lambda v: _is_int(v, 1, 2**16)),
     "in_channels": ("an integer in 1..65536", lambda v: _is_int(v, 1, 2**16)),
     "image_size": ("an integer in 1..65536", lambda v: _is_int(v, 1, 2**16)),
@@ -194,7 +198,8 @@ CONFIG_CHECKS = {
     "scaling_factor": ("a positive finite number", lambda v: _is_real(v) and v > 0),
 }
 # What train.py writes in model_config (the model's constructor arguments) and reads back from latents.
-MODEL_CONFIG_KEYS = ("model", "input_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob")
+MODEL_CONFIG_KEYS = ("model", "input_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob",
+                     "num_frames")
 LATENTS_KEYS = ("image_size", "vae", "scaling_factor")
 
 
@@ -246,6 +251,9 @@ def _our_config(path, data):
     if unknown:
         raise CheckpointError(f"{path}: model_config has unknown keys {', '.join(unknown)[:200]} "
                               f"(known: {', '.join(MODEL_CONFIG_KEYS)})")
+    if (config["model"] in VDiT_models) != ("num_frames" in config):
+        raise CheckpointError(f"{path}: model_config is for {config['model']} "
+                              + ("without num_frames" if config["model"] in VDiT_models else "with num_frames"))
     config.update(_read_config(path, "latents", data.get("latents"), LATENTS_KEYS, required=LATENTS_KEYS))
     _check_weights(path, "model", data.get("model"))
     train_config = data.get("train_config")
@@ -364,6 +372,7 @@ class ModelSpec:
     input_size: int = None  # None: image_size over the autoencoder's downsampling factor
     in_channels: int = None  # None: the autoencoder's latent channels (3 in pixel space)
     scaling_factor: float = None  # None: the autoencoder's own
+    num_frames: int = None  # a video model's clip length; None for an image model
 
 
 def _same_vae(a, b):
@@ -392,12 +401,15 @@ def resolve_spec(ckpt, model=None, image_size=None, vae=None, num_classes=None, 
                 raise CheckpointError(f"{cli[key]} {given} contradicts the checkpoint {ckpt.path}, which is "
                                       f"for {key.replace('_', ' ')} {fixed}; drop the flag or pick another checkpoint")
         values[key] = given if given is not None else fixed if fixed is not None else defaults[key]
-    if values["model"] not in DiT_models:
-        raise CheckpointError(f"unknown model {values['model']!r}; choose from {', '.join(DiT_models)}")
+    if values["model"] not in MODELS:
+        raise CheckpointError(f"unknown model {values['model']!r}; choose from {', '.join(MODELS)}")
+    if values["model"] in VDiT_models and ckpt.config.get("num_frames") is None:
+        raise CheckpointError(f"--model {values['model']} is a video model: pass one of train.py's video "
+                              f"checkpoints with --ckpt (they record the clip length)")
     if values["num_classes"] < 1:
         raise CheckpointError("the sampling scripts are for class-conditional models (num_classes >= 1)")
     extra = {k: ckpt.config[k] for k in ("learn_sigma", "class_dropout_prob", "input_size", "in_channels",
-                                         "scaling_factor")
+                                         "scaling_factor", "num_frames")
              if ckpt.config.get(k) is not None}
     return ModelSpec(**values, **extra)
 
@@ -421,19 +433,22 @@ def _describe(state_dict):
 
 def build_model(spec, ckpt, in_channels, input_size, device):
     """
-    Build spec's model for [in_channels x input_size x input_size] inputs, load the checkpoint's
-    weights strictly and put it in eval mode on device.
+    Build spec's model for [in_channels x input_size x input_size] inputs (clips of spec.num_frames such
+    frames for a video model), load the checkpoint's weights strictly and put it in eval mode on device.
 
     :raises CheckpointError: the weights do not fit (names the checkpoint's apparent model) or are not finite.
     """
+    video = {} if spec.num_frames is None else dict(num_frames=spec.num_frames)
+    inputs = f"{in_channels}-channel {input_size}x{input_size} inputs" + (
+        f" in clips of {spec.num_frames} frames" if video else "")
     try:
         # On the meta device: no memory and no random initialisation, the checkpoint supplies every value.
         with torch.device("meta"):
-            model = DiT_models[spec.model](input_size=input_size, in_channels=in_channels,
-                                           num_classes=spec.num_classes, learn_sigma=spec.learn_sigma,
-                                           class_dropout_prob=spec.class_dropout_prob)
+            model = MODELS[spec.model](input_size=input_size, in_channels=in_channels, num_classes=spec.num_classes,
+                                       learn_sigma=spec.learn_sigma, class_dropout_prob=spec.class_dropout_prob,
+                                       **video)
     except ValueError as e:
-        raise CheckpointError(f"cannot build {spec.model} for {input_size}x{input_size} inputs: {e}") from e
+        raise CheckpointError(f"cannot build {spec.model} for {inputs}: {e}") from e
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in ckpt.state_dict.items()}
     if expected != found:
@@ -447,8 +462,8 @@ def build_model(spec, ckpt, in_channels, input_size, device):
                                 + (f": checkpoint {found[keys[0]]}, model {expected[keys[0]]})" if what == "wrong shape" else ")"))
         held = _describe(ckpt.state_dict)
         raise CheckpointError(
-            f"{ckpt.path} does not fit {spec.model} for {in_channels}-channel {input_size}x{input_size} inputs "
-            f"with {spec.num_classes} classes: {'; '.join(problems)}."
+            f"{ckpt.path} does not fit {spec.model} for {inputs} with {spec.num_classes} classes: "
+            f"{'; '.join(problems)}."
             + (f" The checkpoint holds {held}." if held else ""))
     # After the shapes: a crafted file's tensor can claim any size, and this check reads every element.
     require_finite(ckpt.state_dict, ckpt.path)

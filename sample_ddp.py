@@ -6,6 +6,7 @@ Sample many images in parallel for FID/IS/precision/recall with ADM's evaluation
     accelerate launch --cpu --num_processes 2 sample_ddp.py --ckpt <train.py checkpoint> --num-fid-samples 100
     python sample_ddp.py --ckpt results/000-DiT-S-2/checkpoints/0100000.pt --num-fid-samples 1000
     torchrun --nproc_per_node=8 sample_ddp.py --ckpt SiT-XL-2-256x256.pt          # SiT's FID setting: 250 SDE steps
+    torchrun --nproc_per_node=2 sample_ddp.py --ckpt results/000-VDiT-S-2/checkpoints/0100000.pt --num-fid-samples 2048
 
 Defaults are DiT's FID settings (released DiT-XL/2 256x256, ema autoencoder, cfg 1.5, 250 DDPM steps); a
 flow checkpoint (train.py --objective flow, SiT's) samples with its own default, 250 SDE steps. Each image
@@ -13,7 +14,9 @@ is written as <sample-dir>/<run name>/NNNNNN.png, then all are packed into <run 
 (uint8, N x H x W x 3, what ADM's evaluator reads) and `labels` (int64, N). Image i has its own
 noise and class label drawn from (--global-seed, i), so the images depend neither on the number of
 processes nor on the batch size. A killed run, rerun with the same command, keeps the finished PNGs
-and samples the rest. NCCL on GPUs, gloo on CPUs.
+and samples the rest. NCCL on GPUs, gloo on CPUs. A video checkpoint samples clips the same way: each
+video i is kept as NNNNNN.png, its F frames stacked top to bottom (written atomically like an image), and
+the .npz's `arr_0` is N x F x H x W x 3 uint8.
 """
 import argparse
 import json
@@ -54,14 +57,16 @@ def run_name(args, loaded):
     return name
 
 
-def write_npz(path, png_paths, labels):
+def write_npz(path, png_paths, labels, frames=None):
     """
     Pack the PNGs into an .npz one image at a time (50k 512x512 images are 39 GB as one array):
     `arr_0` [N x H x W x 3] uint8 and `labels` [N] int64, written to a temporary file then renamed.
+    With `frames`, each PNG is a video's frames stacked top to bottom and `arr_0` is [N x frames x H x W x 3].
     """
     first = np.asarray(Image.open(png_paths[0]))
+    shape = first.shape if frames is None else (frames, first.shape[0] // frames, *first.shape[1:])
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-              "shape": (len(png_paths), *first.shape)}
+              "shape": (len(png_paths), *shape)}
     with atomic_write(path) as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, header)
@@ -82,6 +87,7 @@ def main(args):
 
     loaded = load_model(args, device, default_vae="ema", first=state.main_process_first)
     spec = loaded.spec
+    video = spec.num_frames is not None
 
     # The run folder is keyed on the settings and on the weights' content, not on the file's path: a
     # checkpoint replaced under the same name must not add its images to another's.
@@ -133,6 +139,8 @@ def main(args):
                 samples = sample_latents(loaded.model, noise, y, loaded.sampler, loaded.steps, args.cfg_scale,
                                          args.guidance, args.guidance_interval, spacing=args.solver_spacing)
                 for i, image in zip(batch, to_uint8(decode(loaded.vae, samples, loaded.scaling_factor))):
+                    if video:
+                        image = image.reshape(-1, *image.shape[2:])  # (F, H, W, 3) -> (F * H, W, 3): a strip
                     with atomic_write(png(i)) as f:  # a PNG under its final name is always complete
                         Image.fromarray(image).save(f, format="PNG")
             done = torch.tensor(len(batch), device=device)
@@ -147,8 +155,9 @@ def main(args):
             print(f"sampled {len(missing)} images in {seconds:.1f} s: {len(missing) / seconds:.2f} images/s")
         npz = folder + ".npz"
         labels = random_labels(args.global_seed, range(args.num_fid_samples), spec.num_classes)
-        write_npz(npz, [png(i) for i in range(args.num_fid_samples)], labels.numpy())
-        print(f"wrote {npz}: arr_0 {args.num_fid_samples}x{spec.image_size}x{spec.image_size}x3 uint8, labels")
+        write_npz(npz, [png(i) for i in range(args.num_fid_samples)], labels.numpy(), spec.num_frames)
+        frames = f"{spec.num_frames}x" if video else ""
+        print(f"wrote {npz}: arr_0 {args.num_fid_samples}x{frames}{spec.image_size}x{spec.image_size}x3 uint8, labels")
     state.wait_for_everyone()
     state.destroy_process_group()
 

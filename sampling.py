@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from checkpoints import (RELEASED_CHECKPOINTS, Checkpoint, CheckpointError, ModelSpec, build_model, load_checkpoint,
-                         resolve_spec)
+from checkpoints import (MODELS, RELEASED_CHECKPOINTS, Checkpoint, CheckpointError, ModelSpec, build_model,
+                         load_checkpoint, resolve_spec)
 from diffusion import create_diffusion
 from diffusion.dpm_solver import DPMSolver, Spacing, solver_timesteps
 from diffusion.flow import FlowMatching, ODESolver
 from diffusion.respace import space_timesteps
 from files import UserError
-from models import DiT_models, Guidance
+from models import Guidance
 from vae import downsampling_factor, load_vae, scaling_factor
 
 
@@ -69,9 +69,9 @@ class SamplingModel:
 
     ckpt: Checkpoint
     spec: ModelSpec
-    model: torch.nn.Module  # a DiT in eval mode, float32
+    model: torch.nn.Module  # a DiT (or a video DiT) in eval mode, float32
     vae: torch.nn.Module  # the AutoencoderKL, None in pixel space
-    latent_shape: tuple  # (C, H, W) of one sample in the model's space
+    latent_shape: tuple  # (C, H, W) of one sample in the model's space; (C, F, H, W) of a video model's clip
     scaling_factor: float  # what latents were multiplied by before training
     objective: str  # "ddpm" or "flow": what the model predicts
     sampler: Sampler  # --sampler, or the objective's default
@@ -153,16 +153,17 @@ def load_model(args, device, default_vae, first=contextlib.nullcontext):
     channels, size = latent_geometry(spec, vae)
     model = build_model(spec, ckpt, channels, size, device)
     scale = spec.scaling_factor if spec.scaling_factor is not None else scaling_factor(vae)
-    return SamplingModel(ckpt, spec, model, vae, (channels, size, size), scale, objective, sampler, steps)
+    shape = (channels, size, size) if spec.num_frames is None else (channels, spec.num_frames, size, size)
+    return SamplingModel(ckpt, spec, model, vae, shape, scale, objective, sampler, steps)
 
 
 #################################################################################
 #                            Per-image random streams                           #
 #################################################################################
 
-# Each image has its own generators keyed on (seed, image index, stream), so what image i looks like
-# depends neither on the batch it is drawn in nor on the number of processes. They live on the CPU:
-# the same seed gives the same noise on every device.
+# Each image (or video) has its own generators keyed on (seed, index, stream), so what image i looks
+# like depends neither on the batch it is drawn in nor on the number of processes. They live on the
+# CPU: the same seed gives the same noise on every device.
 _LABEL_STREAM, _NOISE_STREAM = 0, 1
 
 
@@ -180,15 +181,15 @@ def random_labels(seed, indices, num_classes):
 
 
 class ImageNoise:
-    """The Gaussian noise of a batch of images: the starting noise, then DDPM's per-step noise."""
+    """The Gaussian noise of a batch of images or videos: the starting noise, then the per-step noise."""
 
     def __init__(self, seed, indices, shape, device):
-        """:param shape: (C, H, W) of one image's sample."""
+        """:param shape: (C, H, W) of one image's sample, (C, F, H, W) of one video's."""
         self.gens = _generators(seed, indices, _NOISE_STREAM)
         self.shape, self.device = shape, device
 
     def __call__(self):
-        """:return: [N x C x H x W] the next standard normal draw of each image's stream."""
+        """:return: [N x *shape] the next standard normal draw of each image's (or video's) stream."""
         return torch.stack([torch.randn(self.shape, generator=g) for g in self.gens]).to(self.device)
 
 
@@ -200,7 +201,7 @@ class ImageNoise:
 def add_sampling_args(parser, cfg_scale, vae):
     """The flags sample.py and sample_ddp.py share. :param cfg_scale, vae: the script's defaults
     (DiT's sample.py decodes with mse, its sample_ddp.py, for FID, with ema)."""
-    parser.add_argument("--model", choices=list(DiT_models), default=None,
+    parser.add_argument("--model", choices=list(MODELS), default=None,
                         help="default: the checkpoint's, else DiT-XL/2")
     parser.add_argument("--ckpt", default=None,
                         help="released name (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt; downloaded into "
@@ -258,7 +259,7 @@ def sample_latents(model, noise, y, sampler, steps, cfg_scale=1.0, guidance=Guid
     """
     Draw samples in the model's space (latents or pixels).
 
-    :param model: a DiT in eval mode.
+    :param model: a DiT in eval mode, or a video DiT (then every [N x C x H x W] here is [N x C x F x H x W]).
     :param noise: a callable returning [N x C x H x W] standard normal noise, usually an ImageNoise:
                   its first draw is the starting noise; DDPM and the SDE draw their per-step noise from
                   it too, so with an ImageNoise every image depends on its own stream only.
@@ -315,5 +316,9 @@ def sample_latents(model, noise, y, sampler, steps, cfg_scale=1.0, guidance=Guid
 
 
 def to_uint8(images):
-    """:param images: [N x 3 x H x W] in [-1, 1]. :return: [N x H x W x 3] uint8 numpy (DiT's rounding)."""
-    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
+    """
+    :param images: [N x 3 x H x W] in [-1, 1], or videos [N x 3 x F x H x W].
+    :return: [N x H x W x 3] uint8 numpy (DiT's rounding), or [N x F x H x W x 3].
+    """
+    channels_last = (0, 2, 3, 1) if images.dim() == 4 else (0, 2, 3, 4, 1)
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(*channels_last).to("cpu", torch.uint8).numpy()

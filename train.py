@@ -12,6 +12,7 @@ Train a DiT on a latent store written by extract_features.py.
     python train.py --model DiT-XL/2 --features-path features/imagenet256 --objective flow --time-sampling logit-normal
     python train.py --model DiT-XL/2 --features-path features/imagenet256-dinov2 --objective flow \
         --repa-encoder vit_base_patch14_dinov2.lvd142m --repa-depth 8 --repa-coeff 0.5
+    python train.py --model VDiT-S/2 --features-path features/ucf101-16f --objective flow   # a video store
 
 The model is built to fit the store (latent channels and size, class count); defaults are the paper's
 (AdamW at a constant 1e-4 without weight decay, global batch 256, EMA 0.9999, label dropout 0.1,
@@ -19,7 +20,9 @@ The model is built to fit the store (latent channels and size, class count); def
 velocity prediction instead (the same DiT, its learned-sigma channels unused), `--time-sampling
 logit-normal` draws its t as SD3 and LightningDiT, and `--repa-encoder` adds REPA's alignment of one
 block's tokens with an encoder's patch tokens, read from the store (extract_features.py computed
-them). The checkpoint records the objective, so the sampling scripts pick its samplers.
+them). The checkpoint records the objective, so the sampling scripts pick its samplers. A video store
+(extract_features.py --num-frames) trains a video size (models.VDiT_models) with the same loop; its
+checkpoint records num_frames in model_config.
 
 Unlike DiT's and fast-DiT's train.py: bf16 autocast unless the flag or accelerate's launcher/config
 says otherwise (float32 master weights, optimizer state and EMA), the logged loss is the true global
@@ -46,12 +49,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import runs
-from checkpoints import (CheckpointError, check_compatible, require_finite, rng_state, save_checkpoint,
+from checkpoints import (MODELS, CheckpointError, check_compatible, require_finite, rng_state, save_checkpoint,
                          set_rng_state, training_checkpoint)
 from diffusion import Objective, TimeSampling, create_objective
 from files import UserError, run_script
 from latents import LatentDataset
-from models import DiT_models, Projector, alignment_loss, forward_flops_per_image
+from models import DiT_models, Projector, VDiT_models, alignment_loss, forward_flops_per_image
 
 
 class TrainError(UserError, ValueError):
@@ -98,8 +101,8 @@ def make_training(accelerator, model_config, lr, warmup_steps=0, grad_checkpoint
     and let accelerate wrap them.
     """
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    model = DiT_models[model_config["model"]](**{k: v for k, v in model_config.items() if k != "model"},
-                                              grad_checkpointing=grad_checkpointing)
+    model = MODELS[model_config["model"]](**{k: v for k, v in model_config.items() if k != "model"},
+                                          grad_checkpointing=grad_checkpointing)
     assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}  # the EMA holds parameters only
     if state_dict is not None:
         model.load_state_dict(state_dict)
@@ -196,7 +199,7 @@ def train_step(accelerator, training, objective, x, y, max_norm, decay, micro_ba
     into `micro_batches` (accumulated without gradient sync), so accumulating changes no draw.
 
     :param objective: what diffusion.create_objective returns.
-    :param x: [B x C x H x W] inputs, y: [B] labels, on the device.
+    :param x: [B x C x H x W] images or [B x C x F x H x W] clips, y: [B] labels, on the device.
     :param max_norm: clip the global gradient norm to this; inf only measures it (gradients x 1).
     :param z: [B x T' x F] the encoder's patch tokens of x (REPA), T' = alignment.pool^2 x the DiT's tokens.
     :param alignment: an Alignment (REPA), or None.
@@ -291,21 +294,34 @@ def make_accelerator(args):
 def open_store(args):
     """:return: the dataset, the model configuration that fits it, and REPA's Alignment (None without)."""
     try:
-        dataset = LatentDataset(args.features_path, flip=args.flip, seed=args.global_seed,
-                                repa=args.repa_encoder is not None)
+        dataset = LatentDataset(args.features_path, flip=args.flip, seed=args.global_seed)
+        frames = dataset.meta.get("frames")  # None for an image store
+        if args.repa_encoder is not None:
+            if frames is not None:
+                raise TrainError(f"--repa-encoder: {args.features_path} is a video store, and REPA is for "
+                                 f"image stores only; drop the REPA flags")
+            dataset = LatentDataset(args.features_path, flip=args.flip, seed=args.global_seed, repa=True)
     except (FileNotFoundError, ValueError) as e:
         raise TrainError(str(e)) from e
-    channels, size, width = dataset.meta["latent_shape"]
+    family, sizes = ("VDiT_models", VDiT_models) if frames is not None else ("DiT_models", DiT_models)
+    if args.model not in sizes:
+        raise TrainError(f"--model {args.model} does not fit {args.features_path}, a store of "
+                         f"{'videos' if frames is not None else 'images'}: choose one of {family} "
+                         f"({', '.join(sizes)})")
+    channels, *_, size, width = dataset.meta["latent_shape"]  # [C, H, W], or [C, F, H, W] for video
     patch = int(args.model.rsplit("/", 1)[1])
+    shape = "x".join(map(str, dataset.meta["latent_shape"]))
     if size % patch or width != size:
-        raise TrainError(f"{args.model} (patch {patch}) does not fit the store's {channels}x{size}x{width} "
-                         f"latents: the patch must divide the latent size; choose another --model or image size")
+        raise TrainError(f"{args.model} (patch {patch}) does not fit the store's {shape} latents: the patch "
+                         f"must divide the latent size; choose another --model or image size")
     if len(dataset) < args.global_batch_size:
-        raise TrainError(f"the store holds {len(dataset)} images, fewer than --global-batch-size "
-                         f"{args.global_batch_size}")
+        raise TrainError(f"the store holds {len(dataset)} {'clips' if frames is not None else 'images'}, fewer "
+                         f"than --global-batch-size {args.global_batch_size}")
     model_config = dict(model=args.model, input_size=size, in_channels=channels,
                         num_classes=dataset.meta["num_classes"], learn_sigma=True,
                         class_dropout_prob=args.class_dropout_prob)
+    if frames is not None:
+        model_config["num_frames"] = frames
     return dataset, model_config, alignment_for(args, dataset.meta, size // patch)
 
 
@@ -387,6 +403,7 @@ def main(args):
             restore(training, ckpt, accelerator, args.lr, seed, notes)
         training.model.train()
         flops_per_image = 3 * forward_flops_per_image(training.raw)
+        item = "clip" if "num_frames" in model_config else "image"
 
         sampler = runs.EpochBatches(len(dataset), args.global_batch_size, rank, world, args.global_seed)
         # Its own generator, so creating an iterator never draws from the global RNG (exact resume).
@@ -398,10 +415,10 @@ def main(args):
                 k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in train_config.items()})
 
         log.info(f"{args.model}: {sum(p.numel() for p in training.raw.parameters()) / 1e6:.2f}M parameters, "
-                 f"{flops_per_image / 1e9:.2f} training GFLOPs per image, input {model_config['in_channels']}x"
-                 f"{model_config['input_size']}x{model_config['input_size']}, {meta['num_classes']} classes")
-        log.info(f"{len(dataset)} images from {args.features_path}; {world} process(es) "
-                 f"({accelerator.distributed_type.value}) on {device.type}, {args.global_batch_size // world} images "
+                 f"{flops_per_image / 1e9:.2f} training GFLOPs per {item}, input "
+                 f"{'x'.join(map(str, meta['latent_shape']))}, {meta['num_classes']} classes")
+        log.info(f"{len(dataset)} {item}s from {args.features_path}; {world} process(es) "
+                 f"({accelerator.distributed_type.value}) on {device.type}, {args.global_batch_size // world} {item}s "
                  f"per process per step in {args.gradient_accumulation_steps} micro-batch(es), {steps_per_epoch} "
                  f"steps per epoch, {max_steps} steps; mixed precision {precision} (from {precision_source})")
         log.info(f"objective {args.objective}" + (f", t drawn {args.time_sampling}" if args.objective == "flow" else "")
@@ -501,7 +518,9 @@ def parse_args(argv=None):
                         help="latent store from extract_features.py (--feature-path: fast-DiT's spelling)")
     parser.add_argument("--results-dir", type=str, default=None,
                         help="where run folders go (default results; with --resume: see the module docstring)")
-    parser.add_argument("--model", type=str, choices=list(DiT_models), default="DiT-XL/2")
+    parser.add_argument("--model", type=str, choices=list(MODELS), default="DiT-XL/2",
+                        help="an image size (DiT_models) for an image store, a video size (VDiT_models) for a "
+                             "video store")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=1400)
     length.add_argument("--max-steps", type=int, default=None, help="train this many steps (overrides --epochs)")

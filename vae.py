@@ -80,12 +80,15 @@ def decode(vae, z, scaling_factor):
 
     :param vae: an AutoencoderKL, or None for pixel space.
     :param z: [N x C x h x w] samples in the model's space (latents already multiplied by
-              scaling_factor, or pixels in [-1, 1]).
+              scaling_factor, or pixels in [-1, 1]), or videos [N x C x F x h x w].
     :param scaling_factor: the factor z was multiplied by (the store's meta["scaling_factor"]).
-    :return: [N x 3 x H x W] images clamped to [-1, 1].
+    :return: [N x 3 x H x W] images clamped to [-1, 1], or videos [N x 3 x F x H x W], decoded a frame
+             at a time (the image autoencoder knows no time; one frame of N videos bounds the memory).
     """
     if vae is None:
         return z.clamp(-1, 1)
+    if z.dim() == 5:
+        return torch.stack([decode(vae, z[:, :, f], scaling_factor) for f in range(z.shape[2])], dim=2)
     param = next(vae.parameters())
     x = vae.decode(z.to(param.device, param.dtype) / scaling_factor).sample
     return x.float().clamp(-1, 1)

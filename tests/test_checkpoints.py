@@ -1,6 +1,7 @@
 """checkpoints.py: reading every accepted format, refusing crafted files field by field, strict model
 building, and train.py's atomic save with pruning (the released checkpoints' download: test_downloads)."""
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -85,6 +86,32 @@ def test_train_checkpoint_uses_ema_and_its_config(tmp_path):
                            (dict(num_classes=1000), "--num-classes 1000 contradicts .* num classes 10")]:
         with pytest.raises(CheckpointError, match=message):
             checkpoints.resolve_spec(ckpt, **flags)
+
+
+def test_a_video_checkpoint_builds_its_video_model_strictly(tmp_path):
+    from models import VDiT_models
+
+    ema = VDiT_models["VDiT-Digits/4"](input_size=8, in_channels=3, num_classes=10, num_frames=3).state_dict()
+    path = str(tmp_path / "0000100.pt")
+    torch.save(dict(model=ema, ema=ema, opt={}, step=100, train_config=dict(global_batch_size=4),
+                    model_config=dict(CONFIG, model="VDiT-Digits/4", num_frames=3),
+                    latents=dict(LATENTS, frames=3, latent_shape=[3, 3, 8, 8])), path)
+    ckpt = checkpoints.load_checkpoint(path)
+    spec = checkpoints.resolve_spec(ckpt)
+    assert (spec.model, spec.num_frames) == ("VDiT-Digits/4", 3)
+    model = checkpoints.build_model(spec, ckpt, 3, 8, "cpu")
+    assert model.num_frames == 3 and all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    with pytest.raises(CheckpointError, match="--model DiT-Digits/4 contradicts .* model VDiT-Digits/4"):
+        checkpoints.resolve_spec(ckpt, model="DiT-Digits/4")
+    # Another clip length's temporal position table does not fit: strict, and said so.
+    short = dataclasses.replace(spec, num_frames=2)
+    with pytest.raises(CheckpointError, match="in clips of 2 frames with 10 classes: 1 wrong shape "
+                                              r"\(e.g. temporal_pos_embed"):
+        checkpoints.build_model(short, ckpt, 3, 8, "cpu")
+    torch.save(ema, tmp_path / "plain.pt")
+    plain = checkpoints.load_checkpoint(str(tmp_path / "plain.pt"))  # a bare state_dict: no clip length
+    with pytest.raises(CheckpointError, match="--model VDiT-Digits/4 is a video model: pass one of train.py's"):
+        checkpoints.resolve_spec(plain, model="VDiT-Digits/4", image_size=8, vae="none", num_classes=10)
 
 
 def test_non_finite_weights_are_refused_before_sampling(tmp_path):
@@ -203,6 +230,9 @@ def crafted(path, **fields):
     (dict(model_config=dict(CONFIG, model="DiT-Q/3")), r"model_config.model is 'DiT-Q/3', not a name in "
                                                        r"models.DiT_models"),
     (dict(model_config=dict(CONFIG, model=["DiT-S/8"])), r"model_config.model is \['DiT-S/8'\], not a name"),
+    (dict(model_config=dict(CONFIG, num_frames=0)), r"model_config.num_frames is 0, not an integer in 1..4096"),
+    (dict(model_config=dict(CONFIG, num_frames=4)), r"model_config is for DiT-Digits/4 with num_frames"),
+    (dict(model_config=dict(CONFIG, model="VDiT-S/8")), r"model_config is for VDiT-S/8 without num_frames"),
     (dict(model_config=dict(CONFIG, learn_sigma="yes")), r"model_config.learn_sigma is 'yes', not True or False"),
     (dict(model_config=dict(CONFIG, class_dropout_prob=float("nan"))),
      r"model_config.class_dropout_prob is nan, not a number in \[0, 1\)"),

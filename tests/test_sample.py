@@ -303,7 +303,7 @@ def test_user_errors_come_before_any_work(plain_ckpt, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     for script, args, message in [
             (sample, ["--output", str(tmp_path / "missing" / "x.png")], "the folder .*missing does not exist"),
-            (sample, ["--output", str(tmp_path / "x.pngg")], "unknown image extension '.pngg'"),
+            (sample, ["--output", str(tmp_path / "x.pngg")], "unknown extension '.pngg'"),
             (sample, ["--num-sampling-steps", "0"], "--num-sampling-steps must be in 1..1000, got 0"),
             (sample, ["--class-labels", "3", "-1"], "--class-labels must be >= 0, got -1"),
             (sample_ddp, ["--sample-dir", str(tmp_path / "a_file")], "--sample-dir .*a_file is a file")]:
@@ -447,3 +447,105 @@ def test_solver_spacing_reaches_the_sampler_and_names_the_run(plain_ckpt):
     time_grid = sampling.sample_latents(loaded.model, noise, y, Sampler.DPM_SOLVER, 4, spacing=args.solver_spacing)
     logsnr_grid = sampling.sample_latents(loaded.model, noise, y, Sampler.DPM_SOLVER, 4)
     assert (time_grid - logsnr_grid).abs().max() > 1e-3
+
+
+#################################################################################
+#                                     Video                                     #
+#################################################################################
+
+VIDEO_MODEL, FRAMES = "VDiT-Digits/4", 3
+
+
+def video_checkpoint(path, seed=0):
+    """A train.py checkpoint of a randomized VDiT-Digits/4 for 3-frame clips of 8x8 pixels (--vae none)."""
+    from models import VDiT_models
+
+    ema = randomize(VDiT_models[VIDEO_MODEL](input_size=SMALL_SIZE, in_channels=3, num_classes=10,
+                                             num_frames=FRAMES), seed).state_dict()
+    torch.save(dict(
+        model=ema, ema=ema, opt={}, step=100,
+        model_config=dict(model=VIDEO_MODEL, input_size=SMALL_SIZE, in_channels=3, num_classes=10, learn_sigma=True,
+                          class_dropout_prob=0.1, num_frames=FRAMES),
+        latents=dict(vae="none", scaling_factor=1.0, image_size=SMALL_SIZE, frames=FRAMES,
+                     latent_shape=[3, FRAMES, SMALL_SIZE, SMALL_SIZE], num_classes=10),
+        train_config=dict(global_batch_size=4)), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def video_ckpt(tmp_path_factory):
+    return video_checkpoint(tmp_path_factory.mktemp("video") / "0000100.pt")
+
+
+def test_a_video_checkpoint_samples_clips_with_per_clip_streams(video_ckpt):
+    _, args = sample.parse_args(["--ckpt", video_ckpt])
+    loaded = sampling.load_model(args, "cpu", default_vae="mse")
+    assert loaded.latent_shape == (3, FRAMES, SMALL_SIZE, SMALL_SIZE) and loaded.spec.num_frames == FRAMES
+    y = torch.tensor([4, 1, 7])
+    for sampler in (Sampler.DDPM, Sampler.DPM_SOLVER):  # DDPM draws per-step noise from each clip's stream too
+        full = sampling.sample_latents(loaded.model, ImageNoise(2, [5, 6, 7], loaded.latent_shape, "cpu"), y, sampler,
+                                       4, 3.0)
+        part = sampling.sample_latents(loaded.model, ImageNoise(2, [6], loaded.latent_shape, "cpu"), y[1:2], sampler,
+                                       4, 3.0)
+        assert full.shape == (3, 3, FRAMES, SMALL_SIZE, SMALL_SIZE)
+        torch.testing.assert_close(part, full[1:2], rtol=0, atol=2e-3)  # batched float32 sums differ a little
+    # The frames of a clip are not the same picture: the model sees a clip, and each frame has its own noise.
+    assert (full[:, :, 0] - full[:, :, 1]).abs().max() > 0.05
+    videos = torch.rand(2, 3, FRAMES, 4, 5) * 2 - 1
+    frames = sample.animated_grid(videos, nrow=2)  # (F, H', W', 3): frame f is the grid of every clip's frame f
+    assert frames.shape == (FRAMES, 2 + 4 + 2, 2 + 2 * (5 + 2), 3)
+    assert np.array_equal(frames[1, 2:6, 9:14], sampling.to_uint8(videos)[1, 1])
+
+
+def test_sample_py_writes_an_animated_gif_or_mp4(video_ckpt, plain_ckpt, tmp_path, capsys):
+    import av
+
+    labels = ["--class-labels", "1", "2", "3", "--nrow", "3", "--sampler", "ddim", "--num-sampling-steps", "2"]
+    side = 2 + 3 * (SMALL_SIZE + 2), 2 + SMALL_SIZE + 2
+    gif = str(tmp_path / "clips.gif")
+    sample.main(sample.parse_args(["--ckpt", video_ckpt, *labels, "--output", gif])[1])
+    assert f"{FRAMES} frames of 8x8" in capsys.readouterr().out
+    with Image.open(gif) as image:
+        assert image.n_frames == FRAMES and image.size == side and image.info["loop"] == 0
+    mp4 = str(tmp_path / "clips.mp4")
+    sample.main(sample.parse_args(["--ckpt", video_ckpt, *labels, "--output", mp4, "--fps", "4"])[1])
+    with av.open(mp4) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(frames) == FRAMES and frames[0].shape == (side[1], side[0] + side[0] % 2, 3)  # padded to even sides
+    plain = ["--ckpt", plain_ckpt, "--model", SMALL_MODEL, "--image-size", "8", "--vae", "none", "--num-classes", "10"]
+    for ckpt, output, message in ((["--ckpt", video_ckpt], "clips.png", "samples videos, written as .gif or .mp4"),
+                                  (plain, "grid.gif", "samples images, written as .png or .jpg")):
+        with pytest.raises(SamplingError, match=message):
+            sample.main(sample.parse_args([*ckpt, *labels, "--output", str(tmp_path / output)])[1])
+        assert not os.path.exists(tmp_path / output)
+
+
+def test_sample_ddp_packs_clips_and_resumes(video_ckpt, tmp_path):
+    argv = ["--ckpt", video_ckpt, "--num-fid-samples", "3", "--sampler", "dpm-solver", "--num-sampling-steps", "3",
+            "--cfg-scale", "2.0"]
+    one = str(tmp_path / "one")
+    sample_ddp_main(argv + ["--sample-dir", one, "--per-proc-batch-size", "3"])
+    arr, labels = npz_of(one)
+    assert arr.shape == (3, FRAMES, SMALL_SIZE, SMALL_SIZE, 3) and arr.dtype == np.uint8 and arr.std() > 10
+    assert np.array_equal(labels, sampling.random_labels(0, range(3), 10).numpy())
+    folder = run_folder(one)  # each clip one PNG, its frames top to bottom
+    assert np.array_equal(np.asarray(Image.open(os.path.join(folder, "000001.png"))), arr[1].reshape(-1, 8, 3))
+    # Clip i is the same whatever the batch, and a run missing a clip's file samples that clip again.
+    os.remove(os.path.join(folder, "000001.png"))
+    os.remove(folder + ".npz")
+    sample_ddp_main(argv + ["--sample-dir", one, "--per-proc-batch-size", "1"])
+    assert np.array_equal(npz_of(one)[0], arr)
+    two = str(tmp_path / "two")
+    sample_ddp_main(argv + ["--sample-dir", two, "--per-proc-batch-size", "2"])
+    assert np.array_equal(npz_of(two)[0], arr)
+
+
+def test_decode_runs_the_autoencoder_frame_by_frame(tiny_vae_path):
+    from vae import load_vae
+
+    vae = load_vae(tiny_vae_path)
+    z = torch.randn(2, 4, 3, 4, 4)
+    clips = decode(vae, z, 0.5)
+    assert clips.shape[:3] == (2, 3, 3)
+    for f in range(3):
+        torch.testing.assert_close(clips[:, :, f], decode(vae, z[:, :, f], 0.5))
