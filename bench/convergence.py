@@ -25,6 +25,7 @@ The digits demo (demo.py) saturates guided label accuracy, so it cannot tell rec
 - Training: train.py as a subprocess per (recipe, seed) with the demo's settings (DiT-Digits/4, batch
   128, lr 6e-3, 100 warm-up steps, EMA 0.999 with warm-up, no flips, float32), --jobs at once with one
   thread each, a checkpoint every --score-every steps. A rerun skips finished trainings and scores.
+  The recipes' own flags are in RECIPES (C: REPA on block 2 of 6, its projector 384 wide, said why there).
 - Sampling, in this process's workers (one thread each): each recipe with its objective's default
   sampler at --sampling-steps (DDPM for A, the flow's SDE for B and C), the same noise and labels for
   every checkpoint.
@@ -86,9 +87,12 @@ class Recipe:
 RECIPES = (
     Recipe("A", "DiT (DDPM)", ("--objective", "ddpm")),
     Recipe("B", "flow + logit-normal", ("--objective", "flow", "--time-sampling", "logit-normal")),
-    # REPA aligns block 8 of DiT-XL/2's 28; DiT-Digits/4 has 6 blocks: block 2 is about the same third.
+    # REPA aligns block 8 of DiT-XL/2's 28; DiT-Digits/4 has 6 blocks: block 2 is about the same third. Its
+    # projector is 2048 wide for XL's width 1152; at DiT-Digits' 192 that width has 1.7x the DiT's FLOPs (a step
+    # took 2-3x recipe B's here), so it keeps about REPA's ratio of widths instead: 384, 10% of the DiT's FLOPs.
     Recipe("C", "flow + logit-normal + REPA", ("--objective", "flow", "--time-sampling", "logit-normal",
-                                                "--repa-encoder", ENCODER, "--repa-depth", "2", "--repa-coeff", "0.5")),
+                                                "--repa-encoder", ENCODER, "--repa-depth", "2", "--repa-coeff", "0.5",
+                                                "--repa-projector-dim", "384")),
 )
 
 
