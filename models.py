@@ -189,12 +189,14 @@ class DiTBlock(nn.Module):
         # input only, never to the residual stream (VDiT's temporal position: see VDiT)
         B, T, D = x.shape
         N = c.shape[0]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        modulation = self.adaLN_modulation(c).chunk(6, dim=1)                 # 6 x (N, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         h = self.norm1(x if pos is None else x + pos).reshape(N, -1, D)      # (N, G*T, D)
         h = self.attn(modulate(h, shift_msa, scale_msa).reshape(B, T, D))   # (B, T, D)
         x = torch.addcmul(x.reshape(N, -1, D), gate_msa.unsqueeze(1), h.reshape(N, -1, D))  # (N, G*T, D)
-        x = torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
-        return x.reshape(B, T, D)  # (B, T, D)
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))          # (N, G*T, D)
+        x = torch.addcmul(x, gate_mlp.unsqueeze(1), h)                       # (N, G*T, D)
+        return x.reshape(B, T, D)                                            # (B, T, D)
 
 
 class FinalLayer(nn.Module):
