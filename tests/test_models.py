@@ -350,7 +350,7 @@ def test_video_flop_count_matches_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = VDiT_models["VDiT-XL/2"](input_size=32, num_classes=1000, num_frames=16).eval()
+        model = VDiT_models["VDiT-S/2"](input_size=32, num_classes=1000, num_frames=16).eval()
         x, t = torch.randn(2, 4, 16, 32, 32), torch.zeros(2, dtype=torch.long)
         with FlopCounterMode(display=False) as counter:
             model(x, t, t)
