@@ -537,7 +537,8 @@ def check_settings(args):
     """Keep --out to one setting: what changes a training or a score must match what made the files there."""
     path = os.path.join(args.out, "settings.json")
     settings = dict(steps=args.steps, score_every=args.score_every, num_samples=args.num_samples,
-                    sampling_steps=args.sampling_steps, encoder_epochs=args.encoder_epochs)
+                    sampling_steps=args.sampling_steps, encoder_epochs=args.encoder_epochs,
+                    recipes={r.key: list(r.flags) for r in RECIPES})
     if os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)

@@ -82,3 +82,12 @@ def test_bad_flags_end_in_parser_errors(capsys):
         with pytest.raises(SystemExit):
             convergence.parse_args(["--out", "x", *argv])
         assert "error:" in capsys.readouterr().err
+
+
+def test_a_rerun_into_out_with_other_settings_is_refused(tmp_path):
+    _, args = convergence.parse_args(["--out", str(tmp_path), "--quick"])
+    convergence.check_settings(args)
+    convergence.check_settings(args)  # a rerun with the same settings continues
+    _, other = convergence.parse_args(["--out", str(tmp_path), "--quick", "--steps", "30"])
+    with pytest.raises(convergence.BenchError, match=r"other settings \(steps\)"):
+        convergence.check_settings(other)
