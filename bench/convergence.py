@@ -32,6 +32,13 @@ The digits demo (demo.py) saturates guided label accuracy, so it cannot tell rec
 Writes <out>/convergence.json (every score), <out>/convergence.md (the table: score against steps per
 recipe, mean and spread over seeds, the steps each recipe needs to reach recipe A's final mean score)
 and <out>/convergence.png (the curves), then copies the PNG to --png when given.
+
+Cost, estimated from smoke runs on the 2-core machine while three other sessions loaded it (load
+average 4-6), scaled to the machine alone (each of the 2 jobs on a core of its own): a 600-step
+training about 3 minutes (3.5 steps/s on one thread), a score of 150 digits at 250 steps about 40 s,
+the encoder about a minute. The default run is 9 trainings and 54 scores, about 65 job-minutes on 2
+jobs: about 35 minutes in all. --quick is about a minute and a half alone (3.6 minutes loaded), most
+of it process starts.
 """
 import argparse
 import concurrent.futures
