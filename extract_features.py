@@ -1,5 +1,5 @@
 """
-Encode an image folder once into a latent store (see latents.py) that train.py reads.
+Encode an image folder (or a folder of videos) once into a latent store (see latents.py) that train.py reads.
 
     python extract_features.py --data-path /imagenet/train --features-path features/imagenet256 --image-size 256 --vae ema
     torchrun --nproc_per_node=8 extract_features.py --data-path /imagenet/train --features-path features/imagenet256 --image-size 256 --vae ema
@@ -7,6 +7,7 @@ Encode an image folder once into a latent store (see latents.py) that train.py r
     python extract_features.py --data-path tiny/train --features-path features/tiny32px --image-size 32 --vae none
     python extract_features.py --fast-dit-path fast-dit/features --features-path features/imagenet256 --image-size 256 --vae ema
     python extract_features.py --data-path /imagenet/train --features-path features/imagenet256-dinov2 --image-size 256 --vae ema --repa-encoder vit_base_patch14_dinov2.lvd142m --repa-encoder-weights dinov2-b.safetensors
+    python extract_features.py --data-path UCF-101 --features-path features/ucf101-16x3 --image-size 256 --vae ema --num-frames 16 --frame-stride 3
 
 Every image goes through DiT's preprocessing (RGB, ADM center crop, [-1, 1]); it and its mirror
 image are encoded, and the posterior's mean and standard deviation are stored, so training draws a
@@ -31,6 +32,21 @@ in [0, 1], resized bicubically to --repa-input-size (default REPA's: 224 for 256
 normalised with the encoder's mean and std, and the encoder's final-norm tokens after its class
 and register tokens, in float16. DINOv2-B at 256 px: 256 tokens x 768 channels x 2 bytes = 384 KiB
 a view, 768 KiB an image (the latents take 4 x 32 x 32 x 2 values x 2 views x 2 bytes = 32 KiB).
+
+`--num-frames F` reads videos instead, one sub-folder per class as UCF-101 is laid out: video files
+(.mp4 .avi .webm .mkv .mov, decoded with PyAV) and folders of frames (a video's frames as images,
+in name order). A row of the store is a clip of F frames, every --frame-stride S-th frame, so it
+spans (F - 1) x S + 1 frames; each frame goes through the images' preprocessing and the autoencoder
+(both views: the whole clip mirrored), giving rows [V, K, C, F, h, w]. A video gives every clip that
+fits without overlapping (at most --clips-per-video), spread evenly over it; one that holds no
+clip (too short, or broken) is skipped and listed. Latte draws a clip at a random start from each
+video every epoch; fixed clips give that up (a video is seen through the same few windows each
+epoch), because a random start would mean storing and encoding every frame, where fixed clips
+encode each stored frame once; a denser --clips-per-video recovers part of it. The frames of every
+video are counted on rank 0 before anything is encoded (a file's packets are read, not decoded), so
+the rows are known and the store does not depend on the number of processes; meta["clips"] names
+each row's video and first frame. At 256 px with a KL-f8 autoencoder in float16 a clip of 16 frames
+takes 4 x 16 x 32 x 32 x 2 (mean, std) x 2 views x 2 bytes = 512 KiB.
 """
 import argparse
 import contextlib
@@ -39,7 +55,9 @@ import hashlib
 import os
 import time
 import warnings
+from typing import NamedTuple
 
+import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -59,6 +77,10 @@ FAST_DIT_SCALING_FACTOR = 0.18215
 # The file names torchvision's ImageFolder lists (torchvision.datasets.folder.IMG_EXTENSIONS; a test checks
 # they agree). Not imported from there: importing torchvision loads torch._dynamo, seconds per process.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Latte's frame_interval for UCF-101 (Vchitect/Latte configs/ucf101/ucf101_train.yaml: 16 frames, every 3rd).
+LATTE_FRAME_STRIDE = 3
+# The video files a class folder of --num-frames input holds (PyAV decodes them; folders of frames beside them).
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
 # The white level of the high-bit-depth modes Pillow opens (16-bit PNG and TIFF, float TIFF):
 # Image.convert("RGB") clips these to 255 instead of scaling them (a 16-bit image comes out white).
 WHITE_LEVEL = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "F": 1.0}
@@ -91,6 +113,28 @@ def to_tensor(img):
     return x.float().div(255).sub_(0.5).div_(0.5)
 
 
+def check_pixels(width, height, max_pixels):
+    """:raises UnusableImage: a picture over --max-image-pixels (checked before it is decoded)."""
+    if width * height > max_pixels:
+        raise UnusableImage(f"{width}x{height} = {width * height:,} pixels, over --max-image-pixels {max_pixels:,}")
+
+
+def load_image(path, image_size, max_pixels):
+    """An image file through DiT's preprocessing. :return: [3 x S x S] float32 in [-1, 1].
+    :raises UnusableImage: see to_rgb and check_pixels; any exception of a decoder that fails."""
+    with warnings.catch_warnings():
+        # The size check below replaces Pillow's warning (it would decode such an image anyway).
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:  # reads the header only: the size is known, not decoded
+            check_pixels(img.width, img.height, max_pixels)
+            return to_tensor(center_crop_arr(to_rgb(img), image_size))
+
+
+def failure(error):
+    """The skip message of an exception raised while reading an input."""
+    return shown(str(error) if isinstance(error, UnusableImage) else f"{type(error).__name__}: {error}")
+
+
 class ImageItems(Dataset):
     """Preprocessed images by global index: (index, [3 x S x S] tensor in [-1, 1], error message).
     An unusable image gives a zero tensor and a non-empty message instead of an exception, so one
@@ -107,19 +151,9 @@ class ImageItems(Dataset):
 
     def __getitem__(self, i):
         try:
-            with warnings.catch_warnings():
-                # The size check below replaces Pillow's warning (it would decode such an image anyway).
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(self.files[i]) as img:  # reads the header only: the size is known, not decoded
-                    if img.width * img.height > self.max_pixels:
-                        raise UnusableImage(f"{img.width}x{img.height} = {img.width * img.height:,} pixels, "
-                                            f"over --max-image-pixels {self.max_pixels:,}")
-                    x = to_tensor(center_crop_arr(to_rgb(img), self.image_size))
-            return i, x, ""
-        except UnusableImage as e:
-            return i, torch.zeros(self.shape), shown(str(e))
+            return i, load_image(self.files[i], self.image_size, self.max_pixels), ""
         except Exception as e:  # any decoder failure (truncated, not an image, bad header) skips it
-            return i, torch.zeros(self.shape), shown(f"{type(e).__name__}: {e}")
+            return i, torch.zeros(self.shape), failure(e)
 
 
 class FastDiTItems(Dataset):
@@ -138,6 +172,158 @@ class FastDiTItems(Dataset):
             return i, torch.from_numpy(x), ""
         except Exception as e:  # unreadable or wrongly shaped file: skip it like a corrupt image
             return i, torch.zeros(self.shape), shown(f"{type(e).__name__}: {e}")
+
+
+class Video(NamedTuple):
+    """A video of the input folder: a file PyAV decodes (frames None), or a folder of frames (their image
+    files, sorted by name)."""
+    path: str
+    frames: tuple | None
+
+
+def scan_videos(data_path):
+    """
+    The videos of a folder laid out as UCF-101: one sub-folder per class (sorted), in each the video
+    files (VIDEO_EXTENSIONS) and folders of frames, sorted by name together; links followed.
+
+    :return: (videos, labels, class names).
+    :raises StoreError: no class folders, or no videos in any of them.
+    """
+    if not os.path.isdir(data_path):
+        raise StoreError(f"--data-path {data_path} is not a folder")
+    classes = sorted(e.name for e in os.scandir(data_path) if e.is_dir())
+    if not classes:
+        raise StoreError(f"--data-path {data_path} has no sub-folders (expected one sub-folder per class, "
+                         f"holding its videos)")
+    videos, labels = [], []
+    for label, name in enumerate(classes):
+        for entry in sorted(os.scandir(os.path.join(data_path, name)), key=lambda e: e.name):
+            if entry.is_dir():
+                frames = sorted(n for n in os.listdir(entry.path) if n.lower().endswith(IMG_EXTENSIONS))
+                videos.append(Video(entry.path, tuple(os.path.join(entry.path, n) for n in frames)))
+            elif entry.name.lower().endswith(VIDEO_EXTENSIONS):
+                videos.append(Video(entry.path, None))
+            else:
+                continue
+            labels.append(label)
+    if not videos:
+        raise StoreError(f"--data-path {data_path}: no videos ({', '.join(VIDEO_EXTENSIONS)}) or folders of "
+                         f"frames in its {len(classes)} class folders")
+    return videos, labels, classes
+
+
+def count_frames(video, max_pixels):
+    """
+    Frames of a video: its frame files, or the packets of a file's first video stream (read, not decoded:
+    one packet a frame for the codecs of video files; a clip that finds fewer when decoded is skipped).
+
+    :raises UnusableImage: frames over --max-image-pixels; PyAV's errors for a file it cannot open.
+    """
+    if video.frames is not None:
+        return len(video.frames)
+    with av.open(video.path) as container:
+        if not container.streams.video:
+            raise UnusableImage("no video stream")
+        stream = container.streams.video[0]
+        check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels)
+        return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def clip_starts(length, frames, stride, most):
+    """
+    The first frames of the clips cut from a video of `length` frames: clips of `frames` frames every
+    `stride`-th one, as many as fit without overlapping (at most `most`, None for no limit), spread
+    evenly from the first frame to the last (one clip: the middle one).
+
+    :return: the start frames, in time order; empty when the video is shorter than one clip.
+    """
+    span = (frames - 1) * stride + 1
+    count = length // span if most is None else min(most, length // span)
+    if count == 1:
+        return [(length - span) // 2]
+    # Gaps of (length - span) / (count - 1) >= span frames, rounded down: the clips never overlap.
+    return [j * (length - span) // (count - 1) for j in range(count)]
+
+
+def plan_clips(videos, frames, stride, most, max_pixels):
+    """
+    The store's rows: one per clip of every video in order, (video index, start frame, ""), and one
+    per video that gives no clip, (video index, None, why), which the store lists as skipped.
+    """
+    span = (frames - 1) * stride + 1
+    rows = []
+    for v, video in enumerate(tqdm(videos, unit="video", desc="counting frames", leave=False)):
+        try:
+            length = count_frames(video, max_pixels)
+        except Exception as e:  # not a video PyAV can read (broken, truncated, no video stream) skips it
+            rows.append((v, None, failure(e)))
+            continue
+        starts = clip_starts(length, frames, stride, most)
+        if not starts:
+            short = f"{length} frames, too short for a clip of {frames} frames every {stride}: it needs {span}"
+            rows.append((v, None, short + " = (frames - 1) x stride + 1"))
+        rows += [(v, start, "") for start in starts]
+    return rows
+
+
+class ClipItems(Dataset):
+    """
+    Clips by global row: (row, [3 x F x S x S] tensor in [-1, 1], error message), each frame through
+    DiT's preprocessing as an image. A video file is decoded from its start up to the clip's last frame,
+    keeping only the clip's frames; the decoder stays open for the next row, so the clips of one video
+    (consecutive rows, in time order) decode it once.
+    """
+
+    def __init__(self, videos, rows, frames, stride, image_size, max_pixels):
+        self.videos, self.rows = videos, rows
+        self.frames, self.stride = frames, stride
+        self.image_size, self.max_pixels = image_size, max_pixels
+        self.shape = (3, frames, image_size, image_size)
+        self._decoder = None  # (video index, container, its frames, index of the next frame)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getstate__(self):
+        return dict(self.__dict__, _decoder=None)  # each DataLoader worker opens its own
+
+    def __getitem__(self, i):
+        v, start, error = self.rows[i]
+        if error:
+            return i, torch.zeros(self.shape), error
+        wanted = range(start, start + (self.frames - 1) * self.stride + 1, self.stride)
+        video = self.videos[v]
+        try:
+            if video.frames is None:
+                frames = [to_tensor(center_crop_arr(img, self.image_size)) for img in self.decode(v, wanted)]
+            else:
+                frames = [load_image(video.frames[f], self.image_size, self.max_pixels) for f in wanted]
+            return i, torch.stack(frames, 1), ""  # (3, F, S, S)
+        except Exception as e:  # a frame that cannot be decoded or read skips the clip
+            self.close()
+            return i, torch.zeros(self.shape), failure(e)
+
+    def decode(self, v, wanted):
+        """:return: the frames `wanted` (a range) of video file v as RGB images."""
+        if self._decoder is None or self._decoder[0] != v or self._decoder[3] > wanted[0]:
+            self.close()
+            container = av.open(self.videos[v].path)
+            self._decoder = [v, container, container.decode(container.streams.video[0]), 0]
+        images = []
+        for frame in self._decoder[2]:
+            index = self._decoder[3]
+            self._decoder[3] += 1
+            if index in wanted:
+                images.append(frame.to_image())  # RGB
+                if index == wanted[-1]:
+                    return images
+        raise UnusableImage(f"the video ends at {self._decoder[3]} decodable frames, before this clip's "
+                            f"frame {wanted[-1]}")
+
+    def close(self):
+        if self._decoder is not None:
+            self._decoder[1].close()
+            self._decoder = None
 
 
 def check_output_path(features_path, input_path):
@@ -440,12 +626,15 @@ def one_line(error):
 
 class Encoder:
     """Turns a batch of source items into store rows [B x V x K x C x h x w] (float32) and, with a
-    RepaEncoder, the encoder features of both views [B x 2 x T x D] (else None)."""
+    RepaEncoder, the encoder features of both views [B x 2 x T x D] (else None). Clips [B x 3 x F x S x S]
+    become rows [B x V x K x C x F x h x w], their frames encoded as images, `frames_per_call` at most
+    (and as many mirrored frames) in one autoencoder call."""
 
-    def __init__(self, vae, source, repa=None):
+    def __init__(self, vae, source, repa=None, frames_per_call=None):
         self.vae = vae
         self.source = source
         self.repa = repa
+        self.frames_per_call = frames_per_call
 
     @torch.no_grad()
     def __call__(self, x):
@@ -460,7 +649,12 @@ class Encoder:
         if self.source == "fast-dit":
             return (x / FAST_DIT_SCALING_FACTOR)[:, None, None]  # (B, 1, 1, C, h, w)
         if self.vae is None:
-            return x[:, None, None]                              # (B, 1, 1, 3, S, S)
+            return x[:, None, None]                              # (B, 1, 1, 3, [F,] S, S)
+        if x.dim() == 5:
+            b, _, f, s, _ = x.shape
+            frames = x.transpose(1, 2).reshape(b * f, 3, s, s)   # (B*F, 3, S, S)
+            rows = torch.cat([self.rows(part) for part in frames.split(self.frames_per_call)])  # (B*F, 2, 2, C, h, w)
+            return rows.unflatten(0, (b, f)).permute(0, 2, 3, 4, 1, 5, 6)  # (B, 2 views, 2, C, F, h, w)
         param = next(self.vae.parameters())
         posterior = self.vae.encode(torch.cat([x, x.flip(-1)]).to(param.device, param.dtype)).latent_dist
         mean, std = posterior.mean.float(), posterior.std.float()  # (2B, C, h, w)
@@ -474,16 +668,33 @@ def read_inputs(args, state):
     """
     List the inputs and load what encodes them.
 
-    :return: (items Dataset, files, labels, class names, input root, Encoder, settings dict).
+    :return: (items Dataset, files (each row's input), labels (each row's), class names, input root,
+              Encoder, settings dict).
     """
+    clips, identity = None, None  # identity: the files whose names, sizes and times identify the inputs
     if args.fast_dit_path:
         files, labels, latent_shape = scan_fast_dit(args.fast_dit_path)
         class_names = [str(c) for c in range(max(labels) + 1)]
         source, root, vae, sf = "fast-dit", args.fast_dit_path, None, FAST_DIT_SCALING_FACTOR
         items = FastDiTItems(files, latent_shape)
     else:
-        files, labels, class_names = scan_images(args.data_path)
-        source, root = "images", args.data_path
+        if args.num_frames:
+            videos, video_labels, class_names = scan_videos(args.data_path)
+            source = "videos"
+            # Counted on rank 0 only, as the digest below: every video is read once, not once per process.
+            rows = broadcast_object_list([plan_clips(videos, args.num_frames, args.frame_stride,
+                                                     args.clips_per_video, args.max_image_pixels)
+                                          if state.is_main_process else None])[0]
+            files, labels = [videos[v].path for v, _, _ in rows], [video_labels[v] for v, _, _ in rows]
+            clips = [[shown(os.path.relpath(videos[v].path, args.data_path)), start] for v, start, _ in rows]
+            identity = [(f, y) for video, y in zip(videos, video_labels) for f in video.frames or [video.path]]
+            items = ClipItems(videos, rows, args.num_frames, args.frame_stride, args.image_size,
+                              args.max_image_pixels)
+        else:
+            files, labels, class_names = scan_images(args.data_path)
+            source = "images"
+            items = ImageItems(files, args.image_size, args.max_image_pixels)
+        root = args.data_path
         vae = load_vae(args.vae, device=state.device)
         sf = scaling_factor(vae)
         down = downsampling_factor(vae)
@@ -491,23 +702,26 @@ def read_inputs(args, state):
             raise StoreError(f"--image-size {args.image_size} is not a multiple of the "
                              f"autoencoder's downsampling factor {down}")
         channels = 3 if vae is None else vae.config.latent_channels
-        latent_shape = [channels] + [args.image_size // down] * 2
-        items = ImageItems(files, args.image_size, args.max_image_pixels)
+        latent_shape = [channels] + [args.num_frames] * bool(args.num_frames) + [args.image_size // down] * 2
     repa, repa_settings = (load_repa_encoder(args.repa_encoder, args.repa_encoder_weights, args.repa_input_size,
                                              args.image_size, state.device) if args.repa_encoder else (None, None))
-    flip = {"images": latents.FLIP_EXACT if vae is None else latents.FLIP_ENCODED,
-            "fast-dit": latents.FLIP_NONE}[source]
+    flip = latents.FLIP_NONE if source == "fast-dit" else latents.FLIP_EXACT if vae is None else latents.FLIP_ENCODED
+    files_of, labels_of = zip(*identity) if identity else (files, labels)
     settings = {
         "format": latents.FORMAT_VERSION, "source": source, "vae": args.vae, "scaling_factor": sf,
         "image_size": args.image_size, "latent_shape": latent_shape, "dtype": args.dtype,
         "views": 2 if flip == latents.FLIP_ENCODED else 1, "posterior": vae is not None,
         "flip": flip, "shard_size": args.shard_size, "rows": len(files),
         # One stat() per input file, on rank 0 only: the file server answers once, not once per process.
-        "files_sha1": broadcast_object_list([latents.inputs_digest(files, labels, root)
+        "files_sha1": broadcast_object_list([latents.inputs_digest(files_of, labels_of, root)
                                              if state.is_main_process else None])[0],
-        "repa": repa_settings,
+        "repa": repa_settings, "frames": args.num_frames, "frame_stride": args.num_frames and args.frame_stride,
+        "clips_per_video": args.num_frames and args.clips_per_video,
     }
-    return items, files, labels, [shown(c) for c in class_names], root, Encoder(vae, source, repa), settings
+    if clips is not None:
+        settings["clips"] = clips  # not a setting to compare: the settings and the inputs' identity fix it
+    encode = Encoder(vae, source, repa, frames_per_call=args.batch_size)
+    return items, files, labels, [shown(c) for c in class_names], root, encode, settings
 
 
 def main(args):
@@ -522,9 +736,12 @@ def main(args):
         log(f"REPA features: {r['encoder']} at {r['input_size']} px, {r['grid'][0]}x{r['grid'][1]} tokens of "
             f"{r['dim']} in {r['dtype']}: {r['bytes_per_image'] / 2 / 1024:,.1f} KiB a view, "
             f"{r['bytes_per_image'] / 1024:,.1f} KiB an image (both views)")
+    if settings["frames"]:
+        log(clip_size(settings))
+    noun = "clips" if settings["frames"] else "images"
     existing = latents.read_existing(args.features_path, settings)
     if existing is not None and existing["complete"] and not latents.store_problems(args.features_path, existing):
-        log(f"{args.features_path} is already complete ({existing['count']} images): nothing to do")
+        log(f"{args.features_path} is already complete ({existing['count']} {noun}): nothing to do")
         return existing
     with store_lock(args.features_path, state):
         # Read again under the lock: another run may have finished or extended the store meanwhile.
@@ -532,7 +749,7 @@ def main(args):
         if existing is not None and existing["complete"]:
             problems = latents.store_problems(args.features_path, existing)
             if not problems:
-                log(f"{args.features_path} is already complete ({existing['count']} images): nothing to do")
+                log(f"{args.features_path} is already complete ({existing['count']} {noun}): nothing to do")
                 return existing
             for name, problem in problems.items():
                 log(f"{name} {problem}: writing it again")
@@ -546,29 +763,40 @@ def main(args):
         encoded, secs = encode_shards(args, state, items, files, encode, meta)
         if state.is_main_process:
             meta, skipped = latents.finish_store(args.features_path, meta, files, root)
-            log(f"done: {meta['count']} images stored, {len(skipped)} skipped; this run encoded {encoded} in "
-                f"{secs:.1f}s ({encoded / max(secs, 1e-9):.1f} images/s over {state.num_processes} processes)")
+            log(f"done: {meta['count']} {noun} stored, {len(skipped)} skipped; this run encoded {encoded} in "
+                f"{secs:.1f}s ({encoded / max(secs, 1e-9):.1f} {noun}/s over {state.num_processes} processes)")
             for s in skipped:
                 log(f"  skipped {s['path']}: {s['error']}")
         state.wait_for_everyone()
     return latents.read_json(os.path.join(args.features_path, latents.META_FILE))
 
 
+def clip_size(settings):
+    """The store's bytes a clip, written out: C x F x h x w values x K x V x bytes a value."""
+    shape, k, v = settings["latent_shape"], 2 if settings["posterior"] else 1, settings["views"]
+    size = int(np.prod(shape)) * k * v * np.dtype(settings["dtype"]).itemsize
+    return (f"clips of {settings['frames']} frames every {settings['frame_stride']}: {' x '.join(map(str, shape))} "
+            f"values x {k} ({'mean, std' if k == 2 else 'no posterior'}) x {v} view{'s' * (v > 1)} x "
+            f"{np.dtype(settings['dtype']).itemsize} bytes = {size / 1024:,.1f} KiB a clip")
+
+
 def encode_shards(args, state, items, files, encode, meta):
     """Encode this process's shards (round-robin) batch by batch, committing progress per batch;
-    batches never cross a shard, so progress is per shard.
-    :return: (images encoded by all processes in this run, seconds)."""
+    batches never cross a shard, so progress is per shard. A batch holds --batch-size images, or as many
+    clips as hold --batch-size frames (one at least).
+    :return: (rows encoded by all processes in this run, seconds)."""
     rank, world, num_shards = state.process_index, state.num_processes, len(meta["shards"])
     shards = latents.open_shards(args.features_path, meta, range(rank, num_shards, world))
-    todo = [list(range(w.lo + s, w.lo + min(s + args.batch_size, w.rows)))
-            for w in shards.values() for s in range(w.done, w.rows, args.batch_size)]
+    batch = max(1, args.batch_size // (args.num_frames or 1))
+    todo = [list(range(w.lo + s, w.lo + min(s + batch, w.rows)))
+            for w in shards.values() for s in range(w.done, w.rows, batch)]
     if state.is_main_process:
         print(f"{len(files)} inputs in {meta['num_classes']} classes -> {args.features_path}: "
               f"{num_shards} shards over {world} processes; rank 0 has {sum(map(len, todo))} left to encode")
     loader = DataLoader(items, batch_sampler=todo, num_workers=args.num_workers,
                         pin_memory=torch.cuda.is_available())
     start, encoded = time.time(), 0
-    with tqdm(total=sum(map(len, todo)), unit="img", disable=not state.is_main_process,
+    with tqdm(total=sum(map(len, todo)), unit="clip" if args.num_frames else "img", disable=not state.is_main_process,
               desc=f"rank 0 of {world}") as bar:
         for index, x, errors in loader:
             shard = shards[int(index[0]) // args.shard_size]
@@ -595,7 +823,8 @@ def parse_args(argv=None):
     """:return: (parser, args); bad values end as parser.error."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data-path", type=str, help="ImageFolder root: one sub-folder per class")
+    src.add_argument("--data-path", type=str, help="ImageFolder root: one sub-folder per class (with --num-frames: "
+                                                   "of videos, files or folders of frames)")
     src.add_argument("--fast-dit-path", type=str, help="fast-DiT features folder to convert")
     parser.add_argument("--features-path", type=str, required=True, help="store folder to write")
     parser.add_argument("--image-size", type=int, default=256, help="square crop side in pixels")
@@ -617,7 +846,25 @@ def parse_args(argv=None):
     parser.add_argument("--repa-input-size", type=int, default=None,
                         help="the encoder's input side in pixels (default: REPA's, image size * 224 / 256 "
                              "rounded to a multiple of the encoder's patch)")
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="the input is videos: store clips of this many frames (Latte: 16)")
+    parser.add_argument("--frame-stride", type=int, default=None,
+                        help="with --num-frames: a clip takes every this-th frame (default Latte's 3 for UCF-101)")
+    parser.add_argument("--clips-per-video", type=int, default=None,
+                        help="with --num-frames: at most this many clips of a video, spread evenly (default: "
+                             "every clip that fits without overlapping)")
     args = parser.parse_args(argv)
+    if args.num_frames is None and (args.frame_stride is not None or args.clips_per_video is not None):
+        parser.error("--frame-stride and --clips-per-video need --num-frames (a folder of videos)")
+    if args.num_frames is not None:
+        if args.fast_dit_path:
+            parser.error("--num-frames needs videos (--data-path): fast-DiT's features are images")
+        if args.repa_encoder is not None:
+            parser.error("--repa-encoder is for images: REPA features of video stores are not made")
+        if args.frame_stride is None:
+            args.frame_stride = LATTE_FRAME_STRIDE
+        if min(args.num_frames, args.frame_stride, 1 if args.clips_per_video is None else args.clips_per_video) <= 0:
+            parser.error("--num-frames, --frame-stride and --clips-per-video must be positive")
     if args.repa_encoder is None and (args.repa_encoder_weights is not None or args.repa_input_size is not None):
         parser.error("--repa-encoder-weights and --repa-input-size need --repa-encoder")
     if args.repa_encoder is not None and args.fast_dit_path:

@@ -8,17 +8,24 @@ The latent store: its format, written (for extract_features.py) and read (Latent
         ds.set_epoch(epoch)
         for x, y in loader: ...                           # x [B, C, H, W] float32, y [B] int64
     LatentDataset(path, seed=0, repa=True)            # items (x, y, z): z [T, D] encoder patch tokens (REPA)
+    LatentDataset("features/ucf101-16x3", seed=0)     # a video store: x [B, C, F, H, W] clips of F frames
 
 DiT encodes every training image online: a random horizontal flip, then one sample of the VAE
 posterior, freshly drawn each step. fast-DiT froze one flip and one sample per image. This store keeps
 the posterior's mean and standard deviation of both the image and its mirror image, so reading it
 draws from exactly DiT's distribution at memory-map speed.
 
+A video store (meta["frames"] = F, from extract_features.py --num-frames) holds clips in the same
+layout with a frames axis after the channels: a row is a clip of F frames, each frame encoded as an
+image, its view 1 the whole clip mirrored. meta["clips"] names each row's video (under data_path) and
+its first frame; meta["frame_stride"] is the step between the frames of a clip. An image store has
+"frames" None (or no such key, written before video stores existed).
+
 Store layout (one folder):
     meta.json              everything about the store (see LatentDataset.meta); "complete" is true
                            only once every shard is written
     labels.npy             int64 [rows]: the class of every input file, in global (sorted) order
-    shard-00000.npy ...    [n, V, K, C, H, W] in meta["dtype"] for global rows
+    shard-00000.npy ...    [n, V, K, C, H, W] (video: [n, V, K, C, F, H, W]) in meta["dtype"] for global rows
                            [k * shard_size, (k + 1) * shard_size): V = 2 views (image, mirror image)
                            or 1, K = 2 (posterior mean, std) or 1 (mean only: pixels, fast-DiT
                            features). Values are the autoencoder's own (unscaled) latents.
@@ -64,9 +71,10 @@ LABELS_FILE = "labels.npy"
 LOCK_FILE = ".lock"
 # Store settings that must match for a rerun to continue an existing store.
 SETTINGS_KEYS = ("format", "source", "vae", "scaling_factor", "image_size", "latent_shape", "dtype",
-                 "views", "posterior", "flip", "shard_size", "rows", "files_sha1", "repa")
+                 "views", "posterior", "flip", "shard_size", "rows", "files_sha1", "repa", "frames",
+                 "frame_stride", "clips_per_video")
 # Settings added after format 1, with what a store written before them means: such a store reads the same.
-LATER_SETTINGS = {"repa": None}
+LATER_SETTINGS = {"repa": None, "frames": None, "frame_stride": None, "clips_per_video": None}
 # REPA's encoder features are stored in half precision whatever --dtype the latents use.
 REPA_DTYPE = "float16"
 
@@ -141,6 +149,10 @@ def _count(v):
     return type(v) is int and v >= 0
 
 
+def _positive_or_none(v):
+    return v is None or type(v) is int and v > 0
+
+
 def _repa_fits(v):
     """meta["repa"]: None, or what repa_settings returns (the reader builds the arrays' shapes from it)."""
     if v is None:
@@ -159,14 +171,26 @@ def _repa_fits(v):
 FIELD_CHECKS = {
     "rows": _count, "shard_size": lambda v: _count(v) and v > 0,
     "dtype": lambda v: v in ("float16", "float32"),
-    "latent_shape": lambda v: isinstance(v, list) and len(v) == 3 and all(_count(n) and n > 0 for n in v),
+    "latent_shape": lambda v: isinstance(v, list) and len(v) in (3, 4) and all(_count(n) and n > 0 for n in v),
     "views": lambda v: type(v) is int and v in (1, 2), "posterior": lambda v: isinstance(v, bool),
     "flip": lambda v: v in (FLIP_ENCODED, FLIP_EXACT, FLIP_NONE),
     "scaling_factor": lambda v: type(v) in (int, float) and 0 < v < float("inf"),
     "count": _count, "num_classes": _count,
     "skipped_indices": lambda v: isinstance(v, list) and all(_count(i) for i in v) and v == sorted(set(v)),
-    "repa": _repa_fits,
+    "repa": _repa_fits, "frames": _positive_or_none, "frame_stride": _positive_or_none,
+    "clips_per_video": _positive_or_none,
 }
+
+
+def _frames_fit(meta):
+    """An image store's fields (no frames, no stride, [C, H, W]), or a video store's: [C, F, H, W] with F
+    = frames, a stride, and a [video, first frame] per row in "clips"."""
+    shape, clips = meta["latent_shape"], meta.get("clips")
+    if meta["frames"] is None:
+        return meta["frame_stride"] is None and len(shape) == 3
+    return (meta["frame_stride"] is not None and len(shape) == 4 and shape[1] == meta["frames"]
+            and isinstance(clips, list) and len(clips) == meta["rows"]
+            and all(isinstance(c, list) and len(c) == 2 for c in clips))
 
 
 # A store whose meta.json cannot be trusted is not continued or repaired: it is made again.
@@ -193,6 +217,9 @@ def check_meta(path, meta):
     if meta.get("complete") and not bad and (meta["skipped_indices"][-1:] >= [meta["rows"]]
                                              or meta["count"] != meta["rows"] - len(meta["skipped_indices"])):
         bad = [f"count={meta['count']!r} of rows={meta['rows']!r} with {len(meta['skipped_indices'])} skipped"]
+    if not bad and not _frames_fit(meta):
+        bad = [(f"latent_shape={meta['latent_shape']!r} with frames={meta['frames']!r}, frame_stride="
+                f"{meta['frame_stride']!r} and {len(meta.get('clips') or [])} clips for {meta['rows']} rows")]
     if bad:
         raise StoreError(f"{file} is damaged: {'; '.join(bad)}; {REMAKE}")
     if meta["shards"] != shard_layout(meta["rows"], meta["shard_size"]):
@@ -221,7 +248,7 @@ def inputs_digest(files, labels, root):
 def shard_arrays(meta, k):
     """
     The arrays of shard k, {file name: (shape, dtype)}: the latents (rows, views, 2 (mean, std) or 1,
-    C, H, W) and, in a store with REPA features, the encoder's patch tokens (rows, 2 views, T, D).
+    C, H, W), or (..., C, F, H, W) in a video store, and, in a store with REPA features, the encoder's patch tokens (rows, 2 views, T, D).
     """
     rows = meta["shards"][k]["rows"]
     arrays = {shard_name(k) + ".npy": ((rows, meta["views"], 2 if meta["posterior"] else 1, *meta["latent_shape"]),
@@ -446,7 +473,8 @@ class ShardWriter:
 
     def write(self, index, rows, features=None):
         """
-        :param index: int [B] global rows of this shard. :param rows: [B x V x K x C x H x W].
+        :param index: int [B] global rows of this shard. :param rows: [B x V x K x C x H x W] (or
+               [B x V x K x C x F x H x W] clips).
         :param features: [B x 2 x T x D] encoder patch tokens of both views, exactly when the store has them.
         """
         assert (features is None) == (self.repa is None)
@@ -511,7 +539,8 @@ def finish_store(path, meta, files, root):
     (one process: rank 0, after every process has finished its shards).
 
     :param files: every input file, in row order; root: the folder they are listed under.
-    :return: (the complete meta, the skipped entries: dicts with index, path and error).
+    :return: (the complete meta, the skipped entries: dicts with index, path and error). bytes_per_image
+             is the bytes of one row: of a clip in a video store.
     :raises StoreError: a shard is missing, damaged or unfinished (the store is not called complete).
     """
     problems = store_problems(path, meta)
@@ -544,23 +573,24 @@ def shard_statistics(arr, valid, chunk=1024):
     """
     Sums for the per-channel statistics of one shard's valid rows, over all stored views.
 
-    :param arr: [n x V x K x C x H x W] shard array (a memory map is read `chunk` rows at a time, so
-                a large shard needs no large float64 copy).
+    :param arr: [n x V x K x C x H x W] shard array, or [n x V x K x C x F x H x W] for clips (a memory
+                map is read `chunk` rows at a time, so a large shard needs no large float64 copy).
     :param valid: [n] bool, rows that hold an image.
     :return: dict of plain lists: n (values counted per channel), sum and sumsq of the means per
              channel, sum of the variances (std**2) per channel, all in float64.
     """
     c = arr.shape[3]
+    not_channel = tuple(a for a in range(arr.ndim - 1) if a != 2)  # (0, 1, 3, 4): rows, views, [frames,] H, W
     sums = {key: np.zeros(c) for key in ("sum", "sumsq", "sumvar")}
     n = 0
     for lo in range(0, len(arr), chunk):
-        sel = np.asarray(arr[lo:lo + chunk])[valid[lo:lo + chunk]].astype(np.float64)  # (m, V, K, C, H, W)
-        mean = sel[:, :, 0]                                                             # (m, V, C, H, W)
-        sums["sum"] += mean.sum(axis=(0, 1, 3, 4))
-        sums["sumsq"] += (mean ** 2).sum(axis=(0, 1, 3, 4))
+        sel = np.asarray(arr[lo:lo + chunk])[valid[lo:lo + chunk]].astype(np.float64)  # (m, V, K, C, [F,] H, W)
+        mean = sel[:, :, 0]                                                             # (m, V, C, [F,] H, W)
+        sums["sum"] += mean.sum(axis=not_channel)
+        sums["sumsq"] += (mean ** 2).sum(axis=not_channel)
         if sel.shape[2] == 2:
-            sums["sumvar"] += (sel[:, :, 1] ** 2).sum(axis=(0, 1, 3, 4))
-        n += mean.shape[0] * mean.shape[1] * mean.shape[3] * mean.shape[4]
+            sums["sumvar"] += (sel[:, :, 1] ** 2).sum(axis=not_channel)
+        n += mean.size // c
     return {"n": int(n), **{key: v.tolist() for key, v in sums.items()}}
 
 
@@ -601,7 +631,9 @@ class LatentDataset(torch.utils.data.Dataset):
     Training samples from a store written by extract_features.py.
 
     Item i is (x, y): x a float32 [C x H x W] tensor already multiplied by meta["scaling_factor"]
-    (pixels in [-1, 1] for a `--vae none` store), y the int64 label (a 0-d tensor). With repa=True it
+    (pixels in [-1, 1] for a `--vae none` store), y the int64 label (a 0-d tensor). In a video store
+    (meta["frames"] = F) x is a clip, [C x F x H x W]: the flip mirrors every frame (the encoded
+    mirrored clip), the posterior noise is drawn for the whole clip. With repa=True it
     is (x, y, z): z float32 [T x D], the encoder's patch tokens of the same view as x (meta["repa"]
     gives their grid and D).
 
@@ -707,7 +739,8 @@ class LatentDataset(torch.utils.data.Dataset):
         The samples of `indices`, stacked: the items are those of __getitem__, read in one pass.
 
         :param indices: dataset indices (repeats allowed).
-        :return: (x [B x C x H x W] float32, y [B] int64), and with repa z [B x T x D] float32.
+        :return: (x [B x C x H x W] float32, or [B x C x F x H x W] clips, y [B] int64), and with repa
+                 z [B x T x D] float32.
         """
         if self._shards is None:
             self._open()
@@ -732,8 +765,8 @@ class LatentDataset(torch.utils.data.Dataset):
             out[pos] = self._shards[s][rows[pos] - s * self.shard_size, encoded_view[pos], :k]
             if self.repa:
                 z[pos] = self._features[s][rows[pos] - s * self.shard_size, feature_view[pos]]
-        data = torch.from_numpy(out).float()  # (B, k, C, H, W), a fresh tensor
-        x = data[:, 0]                         # (B, C, H, W) posterior means
+        data = torch.from_numpy(out).float()  # (B, k, C, [F,] H, W), a fresh tensor
+        x = data[:, 0]                         # (B, C, [F,] H, W) posterior means
         if self.sample_posterior:
             if self.seed is None:
                 noise = torch.randn(x.shape)

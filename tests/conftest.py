@@ -249,3 +249,66 @@ def repa_store(tmp_path_factory, tiny_vae_path, image_folder, repa_weights):
     finally:
         torch.set_num_threads(threads)
     return path
+
+
+def smooth_frames(rng, count, height=16, width=24):
+    """[count x height x width x 3] uint8: a random low-resolution picture enlarged, moving a pixel a frame."""
+    small = Image.fromarray(rng.integers(0, 256, (4, 6, 3), dtype=np.uint8))
+    picture = np.asarray(small.resize((width + count, height), Image.BICUBIC))
+    return np.stack([picture[:, t:t + width] for t in range(count)])
+
+
+def write_video(path, frames, codec="mpeg4"):
+    """Frames [F x H x W x 3] uint8 encoded with PyAV into a video file (the container from the name)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+# extract_features' video settings in the tests: clips of 3 frames every 2nd (5 frames a clip) at 8 px.
+VIDEO_FLAGS = dict(num_frames=3, frame_stride=2, image_size=8, batch_size=6, shard_size=3)
+
+
+@pytest.fixture(scope="session")
+def video_folder(tmp_path_factory):
+    """Two classes of short 24x16 videos, UCF-101's layout: "jump" has a.mp4 (12 frames: 2 clips), b.avi
+    (7: 1 clip), broken.mp4 (not a video) and short.mkv (4 frames, too short); "run" has c.mp4 (9: 1 clip)
+    and d/, a folder of 10 PNG frames (2 clips). Returns (root, the videos that must be skipped)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("videos")
+    (root / "jump").mkdir()
+    (root / "run" / "d").mkdir(parents=True)
+    videos = {"jump/a.mp4": 12, "jump/b.avi": 7, "jump/short.mkv": 4, "run/c.mp4": 9, "run/d": 10}
+    videos = {name: smooth_frames(rng, count) for name, count in videos.items()}
+    for name, frames in videos.items():
+        if name == "run/d":
+            for t, frame in enumerate(frames):
+                Image.fromarray(frame).save(root / name / f"{t:03d}.png")
+        else:
+            write_video(root / name, frames)
+    (root / "jump" / "broken.mp4").write_bytes(b"this is not a video" * 10)
+    (root / "run" / "notes.txt").write_text("not a video: ignored")
+    return str(root), ["jump/broken.mp4", "jump/short.mkv"]
+
+
+@pytest.fixture(scope="session")
+def video_store(tmp_path_factory, tiny_vae_path, video_folder):
+    """A finished store of video_folder through the tiny VAE (latents 4 x 3 x 4 x 4), 3 shards of 3 rows,
+    encoded with one thread like latent_store (the reference of test_extract's kill and 2-process test)."""
+    import extract_features
+
+    path = str(tmp_path_factory.mktemp("stores") / "video8")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extract_features.main(extract_args(data_path=video_folder[0], features_path=path, vae=tiny_vae_path,
+                                           **VIDEO_FLAGS))
+    finally:
+        torch.set_num_threads(threads)
+    return path

@@ -26,7 +26,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 import extract_features
 import latents
-from conftest import REPA_ENCODER, extract_args
+from conftest import REPA_ENCODER, VIDEO_FLAGS, extract_args
 from files import DiskFullError
 from vae import center_crop_arr, load_vae
 
@@ -603,13 +603,45 @@ exec(compile(open("extract_features.py").read(), "extract_features.py", "exec"))
 """
 
 
+class Stop(Exception):
+    """Ends an in-process extraction at a chosen point, leaving an unfinished store."""
+
+
+# Under torchrun: extract_features.py's main for the arguments before "--then", then for those after it, in
+# the same processes (two stores for one start of the processes).
+TWO_STORES = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import extract_features
+argv = sys.argv[2:]
+for part in (argv[:argv.index("--then")], argv[argv.index("--then") + 1:]):
+    extract_features.main(extract_features.parse_args(part)[1])
+"""
+
+
 def test_killed_run_resumed_by_two_processes_writes_the_same_store(tmp_path, repa_store, tiny_vae_path,
-                                                                  image_folder, repa_weights):
+                                                                  image_folder, repa_weights, video_store,
+                                                                  video_folder, monkeypatch, one_thread):
     """Killed at the worst moment, then the same command under torchrun with 2 processes: byte for
     byte the store one uninterrupted process writes (repa_store: latents and REPA features, whose
     latents are latent_store's). A resume and the number of processes both leave the store as it is
-    (one test: each needs processes of its own)."""
+    (one test: each needs processes of its own). The same processes then continue a video store
+    stopped in its second shard (shard 0 finished, shard 1 half done): byte for byte video_store."""
     path = str(tmp_path / "store")
+    video = str(tmp_path / "video")
+    calls, encode = [], extract_features.Encoder.__call__
+
+    def stop_at_the_third_call(self, x):
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise Stop
+        return encode(self, x)
+    with monkeypatch.context() as m:
+        m.setattr(extract_features.Encoder, "__call__", stop_at_the_third_call)
+        with pytest.raises(Stop):
+            extract_features.main(extract_args(data_path=video_folder[0], features_path=video, vae=tiny_vae_path,
+                                               **VIDEO_FLAGS))
+    assert json.load(open(os.path.join(video, "shard-00001.json")))["done"] == 2
     repa = ["--repa-encoder", REPA_ENCODER, "--repa-encoder-weights", repa_weights, "--repa-input-size", "32"]
     r = run_extract(path, image_folder[0], tiny_vae_path, prefix=["-c", KILL_BEFORE_SECOND_MARKER], flags=repa)
     assert r.returncode == -9, r.stderr
@@ -619,15 +651,19 @@ def test_killed_run_resumed_by_two_processes_writes_the_same_store(tmp_path, rep
     assert progress["done"] == 3 and "stats" not in progress
     with pytest.raises(ValueError, match="unfinished"):
         latents.LatentDataset(path)
-    r = run_extract(path, image_folder[0], tiny_vae_path, nproc=2, flags=repa)
+    script = tmp_path / "two_stores.py"
+    script.write_text(TWO_STORES)
+    video_flags = ["--data-path", video_folder[0], "--features-path", video, "--vae", tiny_vae_path,
+                   "--num-workers", "0"] + [a for k, v in VIDEO_FLAGS.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    r = run_extract(path, image_folder[0], tiny_vae_path, nproc=2, prefix=[str(script)],
+                    flags=repa + ["--then"] + video_flags)
     assert r.returncode == 0, r.stderr
-    # Rank 0 redoes row 3 of shard 0 and encodes shard 2, rank 1 shard 1; logs on rank 0 only.
-    assert "over 2 processes; rank 0 has 5 left" in r.stdout and r.stdout.count("done:") == 1
+    # Rank 0 redoes row 3 of shard 0 and encodes shard 2, rank 1 shard 1; logs on rank 0 only. In the video
+    # store rank 0 has shard 2's 2 clips to encode, rank 1 the last clip of shard 1.
+    assert "over 2 processes; rank 0 has 5 left" in r.stdout and r.stdout.count("done:") == 2
+    assert "3 shards over 2 processes; rank 0 has 2 left" in r.stdout
     assert_same_store(repa_store, path)
-
-
-class Stop(Exception):
-    """Ends an in-process extraction at a chosen point, leaving an unfinished store."""
+    assert_same_store(video_store, video)
 
 
 def stopped_store(tmp_path, image_folder, monkeypatch):
@@ -769,3 +805,116 @@ def test_center_crop_matches_adm():
     want = np.asarray(scaled)[:, (scaled.size[0] - 16) // 2:][:, :16]
     assert out.size == (16, 16)
     np.testing.assert_array_equal(np.asarray(out), want)
+
+
+# Videos ------------------------------------------------------------------------------------------------
+
+def decoded(root, name):
+    """A video's frames [F x H x W x 3] uint8 as PyAV decodes the file (or its frame images), apart from
+    extract_features."""
+    import av
+
+    path = os.path.join(root, name)
+    if os.path.isdir(path):
+        return np.stack([np.asarray(Image.open(os.path.join(path, f)).convert("RGB")) for f in sorted(os.listdir(path))])
+    with av.open(path) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def stored_clips(root, clips, size):
+    """The clips meta["clips"] names, [n x F x size x size x 3] uint8: every 2nd frame of 3 from the start,
+    each center-cropped as DiT crops images."""
+    return np.stack([np.stack([np.asarray(center_crop_arr(Image.fromarray(frame), size))
+                               for frame in decoded(root, name)[start:start + 5:2]]) for name, start in clips])
+
+
+def test_video_store_holds_every_frames_posterior_of_the_clip_and_the_mirrored_clip(video_store, video_folder,
+                                                                                   tiny_vae_path):
+    root, skipped = video_folder
+    meta, rows = store_rows(video_store)
+    assert meta["frames"] == 3 and meta["frame_stride"] == 2 and meta["clips_per_video"] is None
+    assert meta["latent_shape"] == [4, 3, 4, 4] and rows.shape == (8, 2, 2, 4, 3, 4, 4)
+    # Non-overlapping clips spread over each video; one row for each video that gives none, skipped.
+    assert meta["clips"] == [["jump/a.mp4", 0], ["jump/a.mp4", 7], ["jump/b.avi", 1], ["jump/broken.mp4", None],
+                             ["jump/short.mkv", None], ["run/c.mp4", 2], ["run/d", 0], ["run/d", 5]]
+    assert meta["skipped"] == skipped and meta["skipped_indices"] == [3, 4] and meta["count"] == 6
+    assert np.load(os.path.join(video_store, "labels.npy")).tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    assert meta["bytes_per_image"] == 4 * 3 * 4 * 4 * 2 * 2 * 2  # a clip
+    errors = [s["error"] for k in range(3) for s in json.load(open(os.path.join(video_store, f"shard-0000{k}.json")))["skipped"]]
+    assert errors[0].startswith("InvalidDataError") and errors[1] == ("4 frames, too short for a clip of 3 frames every "
+                                                                      "2: it needs 5 = (frames - 1) x stride + 1")
+    valid = [c for c in meta["clips"] if c[1] is not None]
+    frames = stored_clips(root, valid, 8)                                      # (6, 3, 8, 8, 3)
+    x = torch.from_numpy(frames).float().div(127.5).sub(1).permute(0, 1, 4, 2, 3).reshape(-1, 3, 8, 8)
+    vae = load_vae(tiny_vae_path)
+    with torch.no_grad():
+        post, post_m = vae.encode(x).latent_dist, vae.encode(x.flip(-1)).latent_dist
+    per_clip = lambda t: t.reshape(6, 3, 4, 4, 4).transpose(1, 2)  # noqa: E731  (6, C, F, h, w)
+    want = torch.stack([torch.stack([per_clip(post.mean), per_clip(post.std)], 1),
+                        torch.stack([per_clip(post_m.mean), per_clip(post_m.std)], 1)], 1).numpy()
+    got = rows[[0, 1, 2, 5, 6, 7]].astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-4)  # float16 storage
+    assert not rows[[3, 4]].any()
+
+
+def test_pixel_video_store_is_the_decoded_center_cropped_clips(tmp_path, video_folder, monkeypatch):
+    """--vae none: the stored clips are PyAV's frames center-cropped, exactly; the flip mirrors whole clips;
+    a video file is opened once to count its frames and once to decode all its clips."""
+    import av
+
+    root, _ = video_folder
+    opened, open_video = [], av.open
+    monkeypatch.setattr(av, "open", lambda path, *a, **k: opened.append(os.path.basename(path)) or open_video(path, *a, **k))
+    store = str(tmp_path / "px")
+    meta = extract_features.main(extract_args(data_path=root, features_path=store, vae="none", dtype="float32",
+                                              **dict(VIDEO_FLAGS, image_size=12)))
+    assert sorted(opened) == ["a.mp4", "a.mp4", "b.avi", "b.avi", "broken.mp4", "c.mp4", "c.mp4", "short.mkv"]
+    assert meta["latent_shape"] == [3, 3, 12, 12] and meta["flip"] == latents.FLIP_EXACT and meta["views"] == 1
+    ds = latents.LatentDataset(store, flip=False)
+    x, y = ds.read_batch(range(len(ds)))
+    assert x.shape == (6, 3, 3, 12, 12) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    got = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()  # (6, F, 12, 12, 3)
+    np.testing.assert_array_equal(got, stored_clips(root, [c for c in meta["clips"] if c[1] is not None], 12))
+    flipped = latents.LatentDataset(store, seed=1).read_batch(list(range(6)) * 4)[0]
+    mirrored = [torch.equal(a, b.flip(-1)) for a, b in zip(flipped, torch.cat([x] * 4))]
+    assert all(m or torch.equal(a, b) for m, a, b in zip(mirrored, flipped, torch.cat([x] * 4))) and any(mirrored)
+
+
+def test_clips_per_video_and_the_middle_clip():
+    assert extract_features.clip_starts(186, 16, 3, None) == [0, 46, 93, 140]  # a UCF-101 video of 7.4 s
+    assert extract_features.clip_starts(186, 16, 3, 2) == [0, 140]
+    assert extract_features.clip_starts(186, 16, 3, 1) == [70]
+    assert extract_features.clip_starts(45, 16, 3, None) == []
+    assert extract_features.clip_starts(46, 16, 3, 5) == [0]
+
+
+@pytest.mark.parametrize("change, why", [(dict(num_frames=2), "frames: store has 3, this run 2"),
+                                         (dict(frame_stride=1), "frame_stride: store has 2, this run 1"),
+                                         (dict(clips_per_video=1), "clips_per_video: store has None, this run 1")])
+def test_video_store_with_other_frames_is_refused_and_a_finished_one_left_alone(video_store, video_folder,
+                                                                                 tiny_vae_path, change, why, capsys):
+    flags = dict(data_path=video_folder[0], features_path=video_store, vae=tiny_vae_path, **VIDEO_FLAGS)
+    before = open(os.path.join(video_store, "meta.json")).read()
+    with pytest.raises(extract_features.StoreError, match=why):
+        extract_features.main(extract_args(**dict(flags, **change)))
+    extract_features.main(extract_args(**flags))
+    assert "is already complete (6 clips): nothing to do" in capsys.readouterr().out
+    assert open(os.path.join(video_store, "meta.json")).read() == before
+
+
+def test_video_input_errors(tmp_path, capsys):
+    os.makedirs(tmp_path / "videos" / "jump")
+    (tmp_path / "videos" / "jump" / "notes.txt").write_text("no video")
+    with pytest.raises(extract_features.StoreError, match="no videos .*or folders of frames in its 1 class folders"):
+        extract_features.main(extract_args(data_path=str(tmp_path / "videos"), features_path=str(tmp_path / "s"),
+                                           vae="none", **VIDEO_FLAGS))
+    assert not os.path.exists(tmp_path / "s")
+    for argv, why in [(["--data-path", "d", "--frame-stride", "2"], "--frame-stride and --clips-per-video need --num-frames"),
+                      (["--data-path", "d", "--num-frames", "4", "--repa-encoder", REPA_ENCODER],
+                       "--repa-encoder is for images"),
+                      (["--fast-dit-path", "f", "--num-frames", "4"], "--num-frames needs videos"),
+                      (["--data-path", "d", "--num-frames", "4", "--clips-per-video", "0"], "must be positive")]:
+        with pytest.raises(SystemExit):
+            extract_features.parse_args(argv + ["--features-path", "s"])
+        assert why in capsys.readouterr().err
+    assert extract_features.parse_args(["--data-path", "d", "--features-path", "s", "--num-frames", "16"])[1].frame_stride == 3

@@ -137,16 +137,19 @@ def test_repa_on_a_store_without_encoder_features_names_the_flag_that_makes_them
         latents.LatentDataset(latent_store, repa=True)
 
 
-def test_a_store_older_than_repa_reads_as_without_features(tmp_path, latent_store, tiny_vae_path, image_folder,
-                                                            capsys):
-    """A meta.json written before the "repa" setting existed: read as None, and left as it is by a rerun."""
+def test_a_store_older_than_repa_and_video_reads_as_an_image_store_without_features(tmp_path, latent_store,
+                                                                                    tiny_vae_path, image_folder,
+                                                                                    capsys):
+    """A meta.json written before the "repa" and video settings existed: read as None, and left as it is by
+    a rerun."""
     store = tmp_path / "store"
     shutil.copytree(latent_store, store)
     meta = json.loads((store / "meta.json").read_text())
-    del meta["repa"]
+    for key in ("repa", "frames", "frame_stride", "clips_per_video"):
+        del meta[key]
     (store / "meta.json").write_text(json.dumps(meta))
     ds = latents.LatentDataset(str(store), seed=2)
-    assert ds.meta["repa"] is None and torch.equal(ds[4][0], latents.LatentDataset(latent_store, seed=2)[4][0])
+    assert ds.meta["repa"] is ds.meta["frames"] is None and torch.equal(ds[4][0], latents.LatentDataset(latent_store, seed=2)[4][0])
     before = (store / "meta.json").read_text()
     extract_features.main(extract_args(data_path=image_folder[0], features_path=str(store), vae=tiny_vae_path))
     assert "nothing to do" in capsys.readouterr().out and (store / "meta.json").read_text() == before
@@ -154,7 +157,8 @@ def test_a_store_older_than_repa_reads_as_without_features(tmp_path, latent_stor
 
 @pytest.mark.parametrize("damage", ["truncated shard", "missing shard", "other shape", "labels", "meta",
                                     "meta without a key", "meta not an object", "meta value", "shard named outside",
-                                    "label out of range", "meta repa value"])
+                                    "label out of range", "meta repa value", "meta frames of an image store",
+                                    "meta clips"])
 def test_damaged_store_is_refused_at_open_naming_the_file(tmp_path, latent_store, damage):
     """Found when the dataset is made (train.py: before a run folder exists), not by a read error or a
     SIGBUS in a DataLoader worker later."""
@@ -193,6 +197,12 @@ def test_damaged_store_is_refused_at_open_naming_the_file(tmp_path, latent_store
         elif damage == "meta value":
             meta["dtype"] = "float8"
             want = r"meta.json is damaged: dtype='float8'"
+        elif damage == "meta frames of an image store":  # the reader would take [C, H, W] rows for clips
+            meta.update(frames=8, frame_stride=1, clips=[["v.mp4", 0]] * 12)
+            want = r"meta.json is damaged: latent_shape=\[4, 8, 8\] with frames=8, frame_stride=1 and 12 clips for 12 rows"
+        elif damage == "meta clips":
+            meta.update(frames=8, frame_stride=1, latent_shape=[4, 8, 8, 8], clips=[["v.mp4", 0]] * 11)
+            want = r"meta.json is damaged: latent_shape=\[4, 8, 8, 8\] with frames=8, frame_stride=1 and 11 clips"
         elif damage == "meta repa value":  # the reader builds the features' shape from it
             meta["repa"] = latents.repa_settings("vit", "timm hub", 32, [2, 2], 192, [0.5] * 3, [0.5] * 3)
             meta["repa"]["grid"] = [2, -2]
@@ -246,3 +256,23 @@ def test_fast_dit_label_file_that_is_not_one_class_index_is_a_clear_error(tmp_pa
     with pytest.raises(extract_features.StoreError, match=f"{bad} (is not a label file|holds)"):
         extract_features.main(extract_args(fast_dit_path=str(tmp_path / "fast"), features_path=str(tmp_path / "s")))
     assert not os.path.exists(tmp_path / "s")
+
+
+def test_video_store_items_are_clips_of_the_stored_view_with_noise_drawn_per_clip(video_store):
+    """x [C, F, h, w]: the scaled posterior mean of the clip (view 0) or of the mirrored clip (view 1), and a
+    posterior sample mean + std * noise of the whole clip, seeded per clip as for images."""
+    mean, std = stored(video_store)  # (8, 2 views, C, F, h, w)
+    plain = latents.LatentDataset(video_store, flip=False, sample_posterior=False)
+    x, y = plain.read_batch(range(len(plain)))
+    assert x.shape == (6, 4, 3, 4, 4) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_allclose(x.numpy(), SF * mean[plain.rows, 0], rtol=1e-6)
+    torch.manual_seed(0)
+    flipped = latents.LatentDataset(video_store, sample_posterior=False).read_batch([2] * 32)[0].numpy()
+    mirror = [np.allclose(a, SF * mean[plain.rows[2], 1], rtol=1e-6) for a in flipped]
+    assert all(m or np.allclose(a, x[2].numpy(), rtol=1e-6) for m, a in zip(mirror, flipped)) and 4 < sum(mirror) < 28
+    noisy = latents.LatentDataset(video_store, seed=3, flip=False)
+    draws = np.stack([noisy.read_batch([4])[0][0].numpy() for noisy.epoch in range(400)])
+    z = (draws - SF * mean[noisy.rows[4], 0]) / (SF * std[noisy.rows[4], 0])
+    assert np.abs(z.mean(0)).max() < 0.25 and np.abs(z.std(0) - 1).max() < 0.25
+    assert np.abs(np.corrcoef(z[:, :, 0].reshape(400, -1), z[:, :, 2].reshape(400, -1), rowvar=False)
+                  [:48, 48:]).max() < 0.3  # frames get noise of their own
