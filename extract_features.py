@@ -39,10 +39,11 @@ in name order). A row of the store is a clip of F frames, every --frame-stride S
 spans (F - 1) x S + 1 frames; each frame goes through the images' preprocessing and the autoencoder
 (both views: the whole clip mirrored), giving rows [V, K, C, F, h, w]. A video gives every clip that
 fits without overlapping (at most --clips-per-video), spread evenly over it; one that holds no
-clip (too short, or broken) is skipped and listed. Latte draws a clip at a random start from each
-video every epoch; fixed clips give that up (a video is seen through the same few windows each
-epoch), because a random start would mean storing and encoding every frame, where fixed clips
-encode each stored frame once; a denser --clips-per-video recovers part of it. The frames of every
+clip (too short, or broken) is skipped and listed. Latte draws one clip at a random start from each
+video every epoch; fixed clips give up that variety (the same few windows of a video, each at one
+phase of the stride, every epoch), because a random start needs every frame of every video encoded
+and stored, S times the frames that non-overlapping clips use, where fixed clips encode only the
+frames they hold; in exchange an epoch sees all of a video's clips, not one. The frames of every
 video are counted on rank 0 before anything is encoded (a file's packets are read, not decoded), so
 the rows are known and the store does not depend on the number of processes; meta["clips"] names
 each row's video and first frame. At 256 px with a KL-f8 autoencoder in float16 a clip of 16 frames
