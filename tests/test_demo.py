@@ -112,3 +112,51 @@ def test_flags_are_checked_before_anything_runs(capsys):
         with pytest.raises(SystemExit):
             demo.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_moving_digits_move_smoothly_and_keep_their_digit():
+    videos, labels, positions = demo.moving_digits(canvas=12, frames=8, seed=0)
+    assert videos.shape == (1797, 8, 12, 12) and videos.dtype == np.uint8 and len(labels) == 1797
+    real = load_digits()
+    pixels = np.round(real.images * (255.0 / 16.0)).astype(np.uint8)
+    for n in (0, 500, 1796):  # every frame is the digit at its position on a black canvas
+        for f, (row, col) in enumerate(positions[n]):
+            assert np.array_equal(videos[n, f, row:row + 8, col:col + 8], pixels[n])
+            assert videos[n, f].sum() == pixels[n].sum()
+    steps = np.abs(np.diff(positions, axis=1))
+    assert steps.max() == 1 and (steps.sum(axis=2) > 0).all()  # a pixel a frame, never standing still
+    assert positions.min() == 0 and positions.max() == 4
+    gray = videos * (16.0 / 255.0)
+    classifier, ceiling = demo.fit_frame_classifier(videos, labels)
+    assert ceiling > 0.9
+    scores = demo.video_scores(gray[:200], labels[:200], classifier)
+    assert scores["consistency"] > 0.9 and scores["accuracy"] > 0.9 and scores["smoothness"] < 1.0  # bounces
+    # Frames of random clips: the label changes within a clip and the digit jumps.
+    shuffled = gray[:200].reshape(-1, 12, 12)[np.random.default_rng(0).permutation(1600)].reshape(200, 8, 12, 12)
+    mixed = demo.video_scores(shuffled, labels[:200], classifier)
+    assert mixed["consistency"] < 0.5 and mixed["accuracy"] < 0.3 and mixed["smoothness"] > 1.5
+
+
+def test_quick_video_demo_runs_every_stage(tmp_path, monkeypatch, capsys, one_thread):
+    out = tmp_path / "demo"
+    monkeypatch.setattr(demo, "run", run_in_process)
+    report = demo.main(demo.parse_args(["--video", "--quick", "--out", str(out)])[1])
+    stdout = capsys.readouterr().out
+    with open(out / "features" / "meta.json") as f:
+        meta = json.load(f)
+    assert meta["frames"] == 8 and meta["latent_shape"] == [3, 8, 12, 12] and meta["count"] == 64
+    with open(out / "scores.json") as f:
+        assert json.load(f) == json.loads(json.dumps(report))
+    with Image.open(out / report["grid"]) as gif:  # sample.py's animated grid, a column per digit, enlarged
+        assert gif.n_frames == 8 and gif.size == ((2 + 10 * 14) * demo.GRID_SCALE, (2 + 14) * demo.GRID_SCALE)
+    with np.load(out / report["npz"]) as data:
+        clips, labels = data["arr_0"], data["labels"]
+    assert clips.shape == (4, 8, 12, 12, 3) and clips.dtype == np.uint8
+    videos, labels_real, _ = demo.moving_digits(12, 8, seed=0)
+    classifier, _ = demo.fit_frame_classifier(videos[:64], labels_real[:64])  # --quick: the first 64 clips
+    video, baseline, real = report["scores"]
+    assert video == dict(setting="video model (VDiT-Digits/4)", **demo.video_scores(demo.to_gray(clips), labels,
+                                                                                    classifier))
+    assert baseline["setting"] == "per-frame baseline (DiT-Digits/4)" and real["setting"] == "real clips"
+    assert real["accuracy"] > 0.9 and real["smoothness"] < 1.0
+    assert "identity consistency" in stdout and "per-frame baseline" in stdout

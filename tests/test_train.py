@@ -510,3 +510,44 @@ def test_flow_and_repa_refusals(repa_store, latent_store, tmp_path):
     with pytest.raises(runs.RunError, match="--objective ddpm: .* was trained with flow; resume with the same"):
         run(repa_store, tmp_path / "flow", "--model", "DiT-Digits/4", "--max-steps", "2", "--mixed-precision", "no",
             "--resume", os.path.join(exp, "checkpoints", "0000001.pt"))
+
+
+VIDEO_MODEL = "VDiT-Digits/4"  # on the tiny video store's 4x3x4x4 latents: one token per frame
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_a_video_store_trains_a_video_model_and_resumes_exactly(video_store, tmp_path, objective):
+    """The same loop on clips: the checkpoint records num_frames and the objective, loads for sampling as the
+    VDiT it is, and 2 steps then --resume auto to 4 give exactly 4 uninterrupted steps' weights, EMA and
+    optimizer state."""
+    common = ["--model", VIDEO_MODEL, "--objective", objective, "--mixed-precision", "no", "--ckpt-every", "100",
+              "--log-every", "1", "--lr", "1e-3", "--no-flip"]
+    whole = run(video_store, tmp_path / "a", *common, "--max-steps", "4")
+    ckpt = load(os.path.join(whole, "checkpoints", "0000004.pt"))
+    assert ckpt["model_config"]["num_frames"] == 3 and ckpt["objective"]["objective"] == objective
+    assert (ckpt["model"]["temporal_blocks.0.adaLN_modulation.1.weight"] != 0).any()  # the temporal blocks learn
+    assert "training GFLOPs per clip, input 4x3x4x4" in log_text(whole)
+    first = run(video_store, tmp_path / "b", *common, "--max-steps", "2")
+    resumed = run(video_store, tmp_path / "b", *common, "--max-steps", "4", "--resume", "auto")
+    assert resumed == first
+    b = load(os.path.join(resumed, "checkpoints", "0000004.pt"))
+    for key in ("model", "ema", "opt", "rng_states"):
+        assert tensors_equal(ckpt[key], b[key]), key
+    loaded = checkpoints.load_checkpoint(os.path.join(whole, "checkpoints", "0000004.pt"))
+    spec = checkpoints.resolve_spec(loaded)
+    model = checkpoints.build_model(spec, loaded, 4, 4, "cpu")
+    assert isinstance(model, models.VDiT) and model.num_frames == 3
+
+
+def test_video_refusals(video_store, latent_store, tmp_path):
+    """An image size on a video store and the reverse, naming the right family; REPA on a video store."""
+    with pytest.raises(train.TrainError, match=r"^--model DiT-Digits/4 does not fit .*video8, a store of videos: "
+                                               r"choose one of VDiT_models \(VDiT-XL/2, "):
+        run(video_store, tmp_path, "--model", "DiT-Digits/4", "--max-steps", "1")
+    with pytest.raises(train.TrainError, match=r"^--model VDiT-Digits/4 does not fit .*, a store of images: "
+                                               r"choose one of DiT_models \(DiT-XL/2, "):
+        run(latent_store, tmp_path, "--model", VIDEO_MODEL, "--max-steps", "1")
+    with pytest.raises(train.TrainError, match="^--repa-encoder: .*video8 is a video store, and REPA is for image "
+                                               "stores only"):
+        run(video_store, tmp_path, *FLOW_REPA, "--model", VIDEO_MODEL, "--max-steps", "1")
+    assert not os.listdir(tmp_path)  # refused before a run folder is made
