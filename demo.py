@@ -53,6 +53,10 @@ and guidance. The scores, for the video model, the baseline and real clips:
     motion                 the mean length of the second difference of the centre of mass, in pixels:
                            0 for uniform motion; real clips score above 0 from their bounces
 printed as a table and saved as demo_video/scores.json.
+Measured 2026-11-30 on the shared 2-core CPU (1-minute load about 5 from other jobs): the default run took
+25 min (VDiT-Digits/4's 150 steps of 16 clips 17 min, 4.5-7 s a step), and at 150 steps neither model
+draws digits yet (frame label accuracy 10% and 11%; consistency 61% against the baseline's 53%, motion
+2.9 px against 3.6, real clips 0.7): the default budget is not enough for this size, see --steps.
 """
 import argparse
 import glob
