@@ -115,7 +115,8 @@ def make_training(accelerator, model_config, lr, warmup_steps=0, grad_checkpoint
         if projector_state is not None:
             projector.load_state_dict(projector_state)
     if compile:
-        for block in model.blocks:  # regional compilation: short compile, module names unchanged
+        # Regional compilation (a video model's temporal blocks too): short compile, module names unchanged.
+        for block in [*model.blocks, *getattr(model, "temporal_blocks", [])]:
             block.compile()
     trained = list(model.parameters()) + (list(projector.parameters()) if projector is not None else [])
     opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0, fused=accelerator.device.type == "cuda" and not fsdp)
