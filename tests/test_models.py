@@ -105,7 +105,8 @@ def test_cfg_at_scale_one_equals_conditional_pass():
 
 def test_guidance_forms_and_interval():
     model = golden_model("DiT-S/2")
-    x = torch.randn(1, 4, 16, 16)
+    # A fixed input: the batched guided pass and the two separate passes sum in other orders, up to ~1e-5.
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     xx, yy = torch.cat([x, x]), torch.tensor([5, 1000])
     with torch.no_grad():
         cond = model(x, torch.tensor([400]), torch.tensor([5]))
