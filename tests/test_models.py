@@ -105,12 +105,12 @@ def test_cfg_at_scale_one_equals_conditional_pass():
 
 def test_guidance_forms_and_interval():
     model = golden_model("DiT-S/2")
-    # A fixed input: the batched guided pass and the two separate passes sum in other orders, up to ~1e-5.
-    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 4, 16, 16)
     xx, yy = torch.cat([x, x]), torch.tensor([5, 1000])
     with torch.no_grad():
-        cond = model(x, torch.tensor([400]), torch.tensor([5]))
-        uncond = model(x, torch.tensor([400]), torch.tensor([1000]))
+        # The conditional and null passes batched as forward_with_cfg batches them: separate passes sum in
+        # other orders, and the guidance scale amplifies that past the tolerance (1.1e-5 measured).
+        cond, uncond = model(xx, torch.tensor([400, 400]), yy).split(1)
         full = uncond[:, :4] + 3.0 * (cond[:, :4] - uncond[:, :4])
         tt = torch.tensor([400, 400])
         dit = model.forward_with_cfg(xx, tt, yy, 3.0)  # default: the reference's 3 channels
