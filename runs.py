@@ -250,9 +250,9 @@ REFUSED_ON_RESUME = {"global_batch_size": "it fixes which images each step sees"
 # and schedule take --lr and --warmup-steps (train.restore), the rest is read from the flags each step.
 HONOURED_ON_RESUME = ("lr", "warmup_steps", "max_grad_norm", "ema_decay", "ema_warmup", "on_nonfinite",
                       "gradient_accumulation_steps", "mixed_precision", "flip", "time_sampling", "repa_coeff")
-# Flags newer than some checkpoints, with the value such a checkpoint's run had.
-ADDED_FLAGS = dict(objective="ddpm", time_sampling="uniform", repa_encoder=None, repa_depth=8, repa_coeff=0.5,
-                   repa_projector_dim=2048)
+# Refused flags newer than some checkpoints, with the value such a checkpoint's run had (REPA's other flags
+# mean nothing without its encoder).
+ADDED_FLAGS = dict(objective="ddpm", repa_encoder=None)
 # The rest say how long, where and how often to log or save; the model and the store are checked
 # against the checkpoint by checkpoints.check_compatible (class_dropout_prob is in its model_config).
 

@@ -153,7 +153,8 @@ def test_a_refused_checkpoint_makes_no_folder_and_releases_its_own(tmp_path):
 
 
 def test_flags_changed_on_resume_are_honoured_with_a_note_or_refused():
-    saved = dict(lr=1e-4, global_batch_size=256, global_seed=0, max_grad_norm=0.0, max_steps=100, **runs.ADDED_FLAGS)
+    saved = dict(lr=1e-4, global_batch_size=256, global_seed=0, max_grad_norm=0.0, max_steps=100, objective="ddpm",
+                 time_sampling="uniform", repa_encoder=None)
     now = dict(saved, lr=1e-3, max_steps=200)
     assert runs.check_resumed_flags(saved, "c.pt", now) == [
         "--lr changed on resume: 0.0001 in c.pt, 0.001 from now on"]
