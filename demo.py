@@ -45,18 +45,21 @@ extract_features.py --num-frames 8 --vae none; train.py trains VDiT-Digits/4 on 
 their frames as images (demo_video/frames/). sample.py draws the video model's animated grid
 (demo_video/video_grid.gif, a column per digit, enlarged 6x); sample_ddp.py draws --num-score-samples
 clips with labels from the seed, and sample.py draws the baseline's clips for the same labels frame by
-frame, each frame with its own noise (demo_video/baseline_clips.gif shows ten). Both with DPM-Solver++
-and guidance. The scores, for the video model, the baseline and real clips:
+frame, each frame with its own noise (demo_video/baseline_clips.gif shows ten). Both models train SiT's
+flow with logit-normal time at lr 1e-3 (at the image demo's 6e-3 VDiT-Digits/4's loss stalls at 1.34)
+and sample with Heun's ODE (20 grid times) and guidance. The scores, for the video model, the baseline
+and real clips:
     frame label accuracy   the share of frames that a classifier fit on real frames (an RBF SVM on the
                            8x8 window around each frame's centre of mass) assigns their clip's label
     identity consistency   the share of frames carrying their clip's majority label
     motion                 the mean length of the second difference of the centre of mass, in pixels:
                            0 for uniform motion; real clips score above 0 from their bounces
 printed as a table and saved as demo_video/scores.json.
-Measured 2026-11-30 on the shared 2-core CPU (1-minute load about 5 from other jobs): the default run took
-25 min (VDiT-Digits/4's 150 steps of 16 clips 17 min, 4.5-7 s a step), and at 150 steps neither model
-draws digits yet (frame label accuracy 10% and 11%; consistency 61% against the baseline's 53%, motion
-2.9 px against 3.6, real clips 0.7): the default budget is not enough for this size, see --steps.
+Measured 2026-11-30 on the 2-core CPU with nothing else running: the default run took 10.5 min
+(VDiT-Digits/4's 400 steps of 16 clips 4.6 min, the baseline's 400 steps of 64 frames 1.5 min, the 100
+scored clips 2.1 min). The video model beats the baseline on consistency (38.5% against 32.0%) and
+motion (1.49 px against 3.22; real clips 0.69), but neither draws clean digits yet (frame label accuracy
+15.2% and 14.1%; real clips 99.5%): the budget is not enough for this size.
 """
 import argparse
 import glob
@@ -81,11 +84,11 @@ GRID_SCALE = 6  # each pixel a 6x6 square: the 82x102-pixel grid of 8x8 digits i
 
 
 # (full, --quick) defaults of the flags left unset: the image demo's, and --video's.
-IMAGE_DEFAULTS = dict(steps=(600, 4), batch_size=(128, 128), warmup_steps=(100, 100), ddpm_steps=(250, 10),
+IMAGE_DEFAULTS = dict(lr=(6e-3, 6e-3), steps=(600, 4), batch_size=(128, 128), warmup_steps=(100, 100), ddpm_steps=(250, 10),
                       solver_steps=(20, 5), num_score_samples=(200, 20))
-VIDEO_DEFAULTS = dict(steps=(150, 4), batch_size=(16, 8), baseline_steps=(150, 4), baseline_batch_size=(64, 16),
-                      warmup_steps=(50, 50), clips=(1797, 64), ddpm_steps=(250, 10), solver_steps=(20, 5),
-                      num_score_samples=(30, 4), grid_rows=(2, 1))
+VIDEO_DEFAULTS = dict(lr=(1e-3, 1e-3), steps=(400, 4), batch_size=(16, 8), baseline_steps=(400, 4),
+                      baseline_batch_size=(64, 16), warmup_steps=(50, 50), clips=(1797, 64), ddpm_steps=(250, 10),
+                      solver_steps=(20, 5), num_score_samples=(100, 4), grid_rows=(2, 1))
 
 
 class DemoError(UserError, RuntimeError):
@@ -467,12 +470,13 @@ def video_main(args):
             "--warmup-steps", str(min(args.warmup_steps, steps)), "--ema-decay", str(args.ema_decay),
             "--ema-warmup", "--no-flip", "--mixed-precision", "no", "--num-workers", "0", "--no-progress",
             "--log-every", str(max(1, steps // 10)), "--ckpt-every", str(steps), "--global-seed", "0",
+            "--objective", "flow", "--time-sampling", "logit-normal",  # a third of DDPM's steps (bench/README.md)
         ], logs)
         return all_checkpoints(folder)[-1]
 
     video_ckpt = train("train-video", args.video_model, store, args.steps, args.batch_size)
     image_ckpt = train("train-frames", args.model, image_store, args.baseline_steps, args.baseline_batch_size)
-    sampler = ["--sampler", "dpm-solver", "--num-sampling-steps", str(args.solver_steps),
+    sampler = ["--sampler", "heun", "--num-sampling-steps", str(args.solver_steps),
                "--cfg-scale", str(args.cfg_scale)]
 
     # sample.py's animated grid of the video model: a column per digit.
@@ -528,7 +532,7 @@ def video_main(args):
         video_model=args.video_model, baseline_model=args.model, canvas=args.canvas, frames=args.frames,
         clips=len(videos), train_steps=args.steps, batch_size=args.batch_size, baseline_train_steps=args.baseline_steps,
         baseline_batch_size=args.baseline_batch_size, lr=args.lr, ema_decay=args.ema_decay,
-        sampler=f"dpm-solver {args.solver_steps} steps, guidance {args.cfg_scale:g}", samples=n,
+        sampler=f"heun {args.solver_steps} steps, guidance {args.cfg_scale:g}", samples=n,
         checkpoints=dict(video=os.path.relpath(video_ckpt, out), baseline=os.path.relpath(image_ckpt, out)),
         grid=os.path.relpath(grid, out), npz=os.path.relpath(npz[0], out),
         classifier="SVC(rbf, gamma=0.001, C=10) on the 8x8 window around each frame's centre of mass",
@@ -574,7 +578,8 @@ def parse_args(argv=None):
                         help=f"--video: the image model's training steps (default {VIDEO_DEFAULTS['baseline_steps'][0]})")
     parser.add_argument("--baseline-batch-size", type=int, default=None,
                         help=f"--video: the image model's batch (default {VIDEO_DEFAULTS['baseline_batch_size'][0]})")
-    parser.add_argument("--lr", type=float, default=6e-3)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="default 6e-3; --video 1e-3 (at 6e-3 VDiT-Digits/4's flow loss stalls at 1.34)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warmup (default 100; "
                                                                        "--video 50)")
     parser.add_argument("--ema-decay", type=float, default=0.999)
