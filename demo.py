@@ -84,8 +84,8 @@ GRID_SCALE = 6  # each pixel a 6x6 square: the 82x102-pixel grid of 8x8 digits i
 
 
 # (full, --quick) defaults of the flags left unset: the image demo's, and --video's.
-IMAGE_DEFAULTS = dict(lr=(6e-3, 6e-3), steps=(600, 4), batch_size=(128, 128), warmup_steps=(100, 100), ddpm_steps=(250, 10),
-                      solver_steps=(20, 5), num_score_samples=(200, 20))
+IMAGE_DEFAULTS = dict(lr=(6e-3, 6e-3), steps=(600, 4), batch_size=(128, 128), warmup_steps=(100, 100),
+                      ddpm_steps=(250, 10), solver_steps=(20, 5), num_score_samples=(200, 20))
 VIDEO_DEFAULTS = dict(lr=(1e-3, 1e-3), steps=(400, 4), batch_size=(16, 8), baseline_steps=(400, 4),
                       baseline_batch_size=(64, 16), warmup_steps=(50, 50), clips=(1797, 64), ddpm_steps=(250, 10),
                       solver_steps=(20, 5), num_score_samples=(100, 4), grid_rows=(2, 1))
@@ -282,14 +282,20 @@ def main(args):
         lr=args.lr, ema_decay=args.ema_decay, checkpoint=os.path.relpath(ckpt, out), grid=os.path.relpath(grid, out),
         classifier="SVC(rbf, gamma=0.001, C=10) on 8x8 digits, fit on 3/4 of them",
         classifier_held_out_accuracy=ceiling, scores=table, curve=curve,
-        seconds={k: round(v, 1) for k, v in timings.items()} | {"total": round(total, 1)},
     )
+    return finish(out, report, lines, timings, total, timings["train"])
+
+
+def finish(out, report, lines, timings, total, training):
+    """Add the stage timings to the report, write it as <out>/scores.json and print the table.
+    :param training: the seconds spent training. :return: the report."""
+    report["seconds"] = {k: round(v, 1) for k, v in timings.items()} | {"total": round(total, 1)}
     scores_path = os.path.join(out, "scores.json")
     with open(scores_path, "w") as f:
         json.dump(report, f, indent=1)
     print("\n" + "\n".join(lines))
-    print(f"\ngrid: {grid}\nscores: {scores_path}\ntotal: {total / 60:.1f} min "
-          f"(training {timings['train'] / 60:.1f} min)")
+    print(f"\ngrid: {os.path.join(out, report['grid'])}\nscores: {scores_path}\ntotal: {total / 60:.1f} min "
+          f"(training {training / 60:.1f} min)")
     return report
 
 
@@ -537,15 +543,8 @@ def video_main(args):
         grid=os.path.relpath(grid, out), npz=os.path.relpath(npz[0], out),
         classifier="SVC(rbf, gamma=0.001, C=10) on the 8x8 window around each frame's centre of mass",
         classifier_held_out_accuracy=ceiling, scores=table,
-        seconds={k: round(v, 1) for k, v in timings.items()} | {"total": round(total, 1)},
     )
-    scores_path = os.path.join(out, "scores.json")
-    with open(scores_path, "w") as f:
-        json.dump(report, f, indent=1)
-    print("\n" + "\n".join(lines))
-    print(f"\ngrid: {grid}\nscores: {scores_path}\ntotal: {total / 60:.1f} min (training "
-          f"{(timings['train-video'] + timings['train-frames']) / 60:.1f} min)")
-    return report
+    return finish(out, report, lines, timings, total, timings["train-video"] + timings["train-frames"])
 
 
 def parse_args(argv=None):
