@@ -13,6 +13,7 @@ Train a DiT on a latent store written by extract_features.py.
     python train.py --model DiT-XL/2 --features-path features/imagenet256-dinov2 --objective flow \
         --repa-encoder vit_base_patch14_dinov2.lvd142m --repa-depth 8 --repa-coeff 0.5
     python train.py --model VDiT-S/2 --features-path features/ucf101-16f --objective flow   # a video store
+    python train.py --model VDiT-XL/2 --features-path features/ucf101-16f --init-from DiT-XL-2-256x256.pt
 
 The model is built to fit the store (latent channels and size, class count); defaults are the paper's
 (AdamW at a constant 1e-4 without weight decay, global batch 256, EMA 0.9999, label dropout 0.1,
@@ -22,7 +23,8 @@ logit-normal` draws its t as SD3 and LightningDiT, and `--repa-encoder` adds REP
 block's tokens with an encoder's patch tokens, read from the store (extract_features.py computed
 them). The checkpoint records the objective, so the sampling scripts pick its samplers. A video store
 (extract_features.py --num-frames) trains a video size (models.VDiT_models) with the same loop; its
-checkpoint records num_frames in model_config.
+checkpoint records num_frames in model_config; `--init-from` starts it from an image model's weights
+(its spatial blocks: it starts as that image model on each frame, as Open-Sora and Latte start).
 
 Unlike DiT's and fast-DiT's train.py: bf16 autocast unless the flag or accelerate's launcher/config
 says otherwise (float32 master weights, optimizer state and EMA), the logged loss is the true global
@@ -39,6 +41,7 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -49,12 +52,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import runs
-from checkpoints import (MODELS, CheckpointError, check_compatible, require_finite, rng_state, save_checkpoint,
-                         set_rng_state, training_checkpoint)
+from checkpoints import (MODELS, CheckpointError, check_compatible, load_checkpoint, require_finite, rng_state,
+                         save_checkpoint, set_rng_state, training_checkpoint)
 from diffusion import Objective, TimeSampling, create_objective
 from files import UserError, run_script
 from latents import LatentDataset
-from models import DiT_models, Projector, VDiT_models, alignment_loss, forward_flops_per_image
+from downloads import DownloadError
+from models import VDiT, DiT_models, Projector, VDiT_models, alignment_loss, forward_flops_per_image, load_image_weights
 
 
 class TrainError(UserError, ValueError):
@@ -92,20 +96,60 @@ class Training:
         return [self.model] + ([self.projector] if self.projector is not None else [])
 
 
+def build_model(model_config, grad_checkpointing=False):
+    return MODELS[model_config["model"]](**{k: v for k, v in model_config.items() if k != "model"},
+                                         grad_checkpointing=grad_checkpointing)
+
+
+def fill(model, state_dict):
+    """
+    Load state_dict into model: every key, or for a video model also an image model's (load_image_weights:
+    its spatial blocks, so it starts as that image model on each frame). :return: the keys left as they were.
+    :raises ValueError: a key the model lacks or a shape it does not have, naming them.
+    """
+    if isinstance(model, VDiT):
+        return load_image_weights(model, state_dict)
+    missing, extra = model.load_state_dict(state_dict, strict=False)  # RuntimeError on a shape, named
+    if missing or extra:
+        raise ValueError(f"{len(missing)} of the model's keys are missing ({', '.join(missing[:3])}) and "
+                         f"{len(extra)} are not the model's ({', '.join(extra[:3])})")
+    return []
+
+
+def initial_weights(spec, model_config):
+    """
+    --init-from: the EMA weights of a checkpoint (a path or a released name, checkpoints.load_checkpoint)
+    that a new run starts from, checked against the model on the meta device before any run folder is made.
+    :return: (the state_dict, the model's keys it leaves at their initialisation).
+    :raises TrainError: the file cannot be had or read, or its weights do not fit the model.
+    """
+    try:
+        source = load_checkpoint(spec)
+        with torch.device("meta"), warnings.catch_warnings():  # loading into meta tensors checks, copies nothing
+            warnings.simplefilter("ignore", UserWarning)        # (torch warns that it is a no-op)
+            left = fill(build_model(model_config), source.state_dict)
+    except (CheckpointError, DownloadError) as e:
+        raise TrainError(f"--init-from {spec}: {e}") from e
+    except (ValueError, RuntimeError) as e:
+        raise TrainError(f"--init-from {spec}: its weights do not fit {model_config['model']} on this store: "
+                         f"{str(e).strip().splitlines()[-1].strip()}") from e
+    return source.state_dict, left
+
+
 def make_training(accelerator, model_config, lr, warmup_steps=0, grad_checkpointing=False, compile=False,
                   state_dict=None, alignment=None, projector_state=None):
     """
-    Build the model (with `state_dict`'s weights when given), REPA's projector when `alignment` is given
+    Build the model (with `state_dict`'s weights when given: all of them, or an image model's in a video
+    model, see fill), REPA's projector when `alignment` is given
     (with `projector_state`'s weights when given), DiT's AdamW over both (no weight decay; the fused kernel
     on CUDA where it applies, not on FSDP's DTensors), the linear-warmup schedule and the EMA of the DiT,
     and let accelerate wrap them.
     """
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    model = MODELS[model_config["model"]](**{k: v for k, v in model_config.items() if k != "model"},
-                                          grad_checkpointing=grad_checkpointing)
+    model = build_model(model_config, grad_checkpointing)
     assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}  # the EMA holds parameters only
     if state_dict is not None:
-        model.load_state_dict(state_dict)
+        fill(model, state_dict)
     hidden = projector = None
     if alignment is not None:
         # The aligned block's output, caught by a hook: the DiT's forward and its keys stay as they are.
@@ -389,16 +433,21 @@ def main(args):
         check_compatible(ckpt, path, model_config, meta)
         return runs.check_resumed_flags(ckpt["train_config"], path, train_config)
 
+    init, left = initial_weights(args.init_from, model_config) if args.init_from else (None, [])
     run = runs.open_run(args.resume, args.results_dir, args.model, vet, accelerator.is_main_process,
                         share=lambda obj: gather_object([obj])[0])
     run_dir, ckpt, notes = run.dir, run.ckpt, run.notes
+    if init is not None:
+        notes.append(f"--init-from {args.init_from}: not used, the resumed checkpoint has the weights" if ckpt else
+                     f"weights from {args.init_from}" + (f"; {len(left)} keys keep their initialisation "
+                                                         f"({', '.join(left[:2])}, ...)" if left else ""))
     with run.log as log:
         seed = args.global_seed * world + rank  # each process its own seed, as DiT; a resumed run restores its own
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
         training = make_training(accelerator, model_config, args.lr, args.warmup_steps, args.grad_checkpointing,
-                                 args.compile, state_dict=ckpt["model"] if ckpt else None, alignment=alignment,
+                                 args.compile, state_dict=ckpt["model"] if ckpt else init, alignment=alignment,
                                  projector_state=ckpt.get("projector") if ckpt else None)
         if ckpt is not None:
             restore(training, ckpt, accelerator, args.lr, seed, notes)
@@ -568,6 +617,9 @@ def parse_args(argv=None):
     parser.add_argument("--ckpt-keep-last", type=int, default=3, help="keep this many latest checkpoints")
     parser.add_argument("--ckpt-keep-every", type=int, default=100_000,
                         help="also keep every checkpoint whose step is a multiple of this (0: none)")
+    parser.add_argument("--init-from", default=None,
+                        help="start a new run from this checkpoint's EMA weights (a path or a released name, e.g. "
+                             "DiT-XL-2-256x256.pt); an image model's fill a video model's spatial blocks")
     parser.add_argument("--resume", type=str, default=None,
                         help="a checkpoint path, or auto: the latest readable checkpoint of the newest run of "
                              "--model in --results-dir (starts fresh if there is none)")

@@ -21,7 +21,7 @@ import extract_features  # noqa: E402
 import models  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
-from conftest import REPA_ENCODER, extract_args  # noqa: E402
+from conftest import REPA_ENCODER, extract_args, randomize  # noqa: E402
 
 MODEL = "DiT-Digits/2"  # depth 6, width 192: on the 4x8x8 test latents a step takes milliseconds
 
@@ -539,8 +539,23 @@ def test_a_video_store_trains_a_video_model_and_resumes_exactly(video_store, tmp
     assert isinstance(model, models.VDiT) and model.num_frames == 3
 
 
+def test_init_from_an_image_checkpoint_fills_the_video_models_spatial_part(video_store, tmp_path):
+    """--init-from an image DiT's weights: a video run starts with them in its spatial blocks (the log says how
+    many keys kept their initialisation), and with lr 0 its checkpoint still holds them exactly."""
+    image = randomize(models.DiT_models["DiT-Digits/4"](input_size=4, in_channels=4, num_classes=2)).state_dict()
+    torch.save(image, tmp_path / "image.pt")
+    exp = run(video_store, tmp_path / "runs", "--model", VIDEO_MODEL, "--mixed-precision", "no", "--max-steps", "1",
+              "--lr", "0", "--init-from", str(tmp_path / "image.pt"))
+    ckpt = load(os.path.join(exp, "checkpoints", "0000001.pt"))
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in image.items())
+    assert (ckpt["model"]["temporal_blocks.0.adaLN_modulation.1.weight"] == 0).all()
+    assert f"weights from {tmp_path / 'image.pt'}; {len(ckpt['model']) - len(image)} keys keep their " \
+           f"initialisation (temporal_pos_embed, " in log_text(exp)
+
+
 def test_video_refusals(video_store, latent_store, tmp_path):
-    """An image size on a video store and the reverse, naming the right family; REPA on a video store."""
+    """An image size on a video store and the reverse, naming the right family; REPA on a video store; --init-from
+    weights of another shape."""
     with pytest.raises(train.TrainError, match=r"^--model DiT-Digits/4 does not fit .*video8, a store of videos: "
                                                r"choose one of VDiT_models \(VDiT-XL/2, "):
         run(video_store, tmp_path, "--model", "DiT-Digits/4", "--max-steps", "1")
@@ -550,4 +565,10 @@ def test_video_refusals(video_store, latent_store, tmp_path):
     with pytest.raises(train.TrainError, match="^--repa-encoder: .*video8 is a video store, and REPA is for image "
                                                "stores only"):
         run(video_store, tmp_path, *FLOW_REPA, "--model", VIDEO_MODEL, "--max-steps", "1")
+    three_classes = tmp_path.parent / "three_classes.pt"
+    torch.save(models.DiT_models["DiT-Digits/4"](input_size=4, in_channels=4, num_classes=3).state_dict(), three_classes)
+    with pytest.raises(train.TrainError, match=r"^--init-from .*three_classes.pt: its weights do not fit VDiT-Digits/4 "
+                                               r"on this store: y_embedder.embedding_table.weight: the image checkpoint has "
+                                               r"shape \[4, 192\], the video model \[3, 192\]"):
+        run(video_store, tmp_path, "--model", VIDEO_MODEL, "--max-steps", "1", "--init-from", str(three_classes))
     assert not os.listdir(tmp_path)  # refused before a run folder is made
