@@ -40,26 +40,23 @@ area-downsampled back to 8x8 before they are classified.
 --video: every digit becomes a clip of --frames 8 frames of a --canvas 12 x 12 black field across which
 it moves a pixel a frame along each axis (a random start and direction), bouncing off the edges. The
 clips are written as folders of frames (demo_video/videos/<digit>/<index>/<frame>.png) and stored with
-extract_features.py --num-frames 8 --vae none; train.py trains VDiT-Digits/4 on them (9 tokens a frame,
-72 a clip), and, as the baseline, DiT-Digits/4 (the same width and depth, no temporal blocks) on all
-their frames as images (demo_video/frames/). sample.py draws the video model's animated grid
-(demo_video/video_grid.gif, a column per digit, enlarged 6x); sample_ddp.py draws --num-score-samples
-clips with labels from the seed, and sample.py draws the baseline's clips for the same labels frame by
-frame, each frame with its own noise (demo_video/baseline_clips.gif shows ten). Both models train SiT's
-flow with logit-normal time at lr 1e-3 (at the image demo's 6e-3 VDiT-Digits/4's loss stalls at 1.34)
-and sample with Heun's ODE (20 grid times) and guidance. The scores, for the video model, the baseline
-and real clips:
+extract_features.py --num-frames 8 --vae none. First the baseline: train.py trains DiT-Digits/4 on all
+the clips' frames as images (demo_video/frames/). Then train.py --init-from that checkpoint trains
+VDiT-Digits/4 (the same blocks, each followed by a temporal block; 9 tokens a frame, 72 a clip) on the
+clips: it starts as the baseline applied to each frame, as Open-Sora and Latte start from an image model.
+sample.py draws the video model's animated grid (demo_video/video_grid.gif, a column per digit, enlarged
+6x); sample_ddp.py draws --num-score-samples clips with labels from the seed, and sample.py draws the
+baseline's clips for the same labels frame by frame, each frame with its own noise
+(demo_video/baseline_clips.gif shows ten). Both models train SiT's flow with logit-normal time at lr 1e-3
+(at the image demo's 6e-3 VDiT-Digits/4's loss stalls at 1.34, and DiT-Digits/4's jumps from 0.24 to
+1.37 between steps 250 and 300 on these frames at batch 128) and sample with Heun's ODE (20 grid times) and guidance. The scores, for the video
+model, the baseline and real clips:
     frame label accuracy   the share of frames that a classifier fit on real frames (an RBF SVM on the
                            8x8 window around each frame's centre of mass) assigns their clip's label
     identity consistency   the share of frames carrying their clip's majority label
     motion                 the mean length of the second difference of the centre of mass, in pixels:
                            0 for uniform motion; real clips score above 0 from their bounces
-printed as a table and saved as demo_video/scores.json.
-Measured 2026-11-30 on the 2-core CPU with nothing else running: the default run took 10.5 min
-(VDiT-Digits/4's 400 steps of 16 clips 4.6 min, the baseline's 400 steps of 64 frames 1.5 min, the 100
-scored clips 2.1 min). The video model beats the baseline on consistency (38.5% against 32.0%) and
-motion (1.49 px against 3.22; real clips 0.69), but neither draws clean digits yet (frame label accuracy
-15.2% and 14.1%; real clips 99.5%): the budget is not enough for this size.
+printed as a table and saved as demo_video/scores.json. Timings and scores: README.md (Video).
 """
 import argparse
 import glob
@@ -86,9 +83,9 @@ GRID_SCALE = 6  # each pixel a 6x6 square: the 82x102-pixel grid of 8x8 digits i
 # (full, --quick) defaults of the flags left unset: the image demo's, and --video's.
 IMAGE_DEFAULTS = dict(lr=(6e-3, 6e-3), steps=(600, 4), batch_size=(128, 128), warmup_steps=(100, 100),
                       ddpm_steps=(250, 10), solver_steps=(20, 5), num_score_samples=(200, 20))
-VIDEO_DEFAULTS = dict(lr=(1e-3, 1e-3), steps=(400, 4), batch_size=(16, 8), baseline_steps=(400, 4),
+VIDEO_DEFAULTS = dict(lr=(1e-3, 1e-3), steps=(300, 4), batch_size=(16, 8), baseline_steps=(400, 4),
                       baseline_batch_size=(64, 16), warmup_steps=(50, 50), clips=(1797, 64), ddpm_steps=(250, 10),
-                      solver_steps=(20, 5), num_score_samples=(100, 4), grid_rows=(2, 1))
+                      solver_steps=(20, 5), num_score_samples=(60, 4), grid_rows=(2, 1))
 
 
 class DemoError(UserError, RuntimeError):
@@ -468,7 +465,7 @@ def video_main(args):
     timings["extract-frames"] = run("extract-frames", extract + [
         "--data-path", frames_dir, "--features-path", image_store], logs)
 
-    def train(stage, model, features, steps, batch_size):
+    def train(stage, model, features, steps, batch_size, *extra):
         folder = os.path.join(results, stage)
         timings[stage] = run(stage, [
             python, "train.py", "--features-path", features, "--results-dir", folder, "--model", model,
@@ -477,11 +474,13 @@ def video_main(args):
             "--ema-warmup", "--no-flip", "--mixed-precision", "no", "--num-workers", "0", "--no-progress",
             "--log-every", str(max(1, steps // 10)), "--ckpt-every", str(steps), "--global-seed", "0",
             "--objective", "flow", "--time-sampling", "logit-normal",  # a third of DDPM's steps (bench/README.md)
-        ], logs)
+            *extra], logs)
         return all_checkpoints(folder)[-1]
 
-    video_ckpt = train("train-video", args.video_model, store, args.steps, args.batch_size)
+    # The baseline first: the video model starts from its weights (its spatial blocks), as Open-Sora and Latte
+    # start from an image model, so it begins as the baseline applied to each frame.
     image_ckpt = train("train-frames", args.model, image_store, args.baseline_steps, args.baseline_batch_size)
+    video_ckpt = train("train-video", args.video_model, store, args.steps, args.batch_size, "--init-from", image_ckpt)
     sampler = ["--sampler", "heun", "--num-sampling-steps", str(args.solver_steps),
                "--cfg-scale", str(args.cfg_scale)]
 

@@ -1,5 +1,6 @@
 """demo.py: its score path on real digits, and the whole reduced demo (--quick) end to end."""
 import importlib
+import glob
 import json
 import os
 import subprocess
@@ -160,3 +161,6 @@ def test_quick_video_demo_runs_every_stage(tmp_path, monkeypatch, capsys, one_th
     assert baseline["setting"] == "per-frame baseline (DiT-Digits/4)" and real["setting"] == "real clips"
     assert real["accuracy"] > 0.9 and real["smoothness"] < 1.0
     assert "identity consistency" in stdout and "per-frame baseline" in stdout
+    (log,) = glob.glob(str(out / "results" / "train-video" / "*" / "log.txt"))  # the video model starts as the baseline
+    with open(log) as f:
+        assert f"weights from {out / report['checkpoints']['baseline']}; " in f.read()
