@@ -103,37 +103,43 @@ def build_model(model_config, grad_checkpointing=False):
 
 def fill(model, state_dict):
     """
-    Load state_dict into model: every key, or for a video model also an image model's (load_image_weights:
-    its spatial blocks, so it starts as that image model on each frame). :return: the keys left as they were.
-    :raises ValueError: a key the model lacks or a shape it does not have, naming them.
+    Load state_dict into model: each of its keys must be one of the model's with the same shape (a video model
+    takes an image model's: its spatial blocks, models.load_image_weights). :return: the model's keys it left.
+    :raises ValueError, RuntimeError: a key the model lacks, or a shape it does not have, naming them.
     """
     if isinstance(model, VDiT):
         return load_image_weights(model, state_dict)
     missing, extra = model.load_state_dict(state_dict, strict=False)  # RuntimeError on a shape, named
-    if missing or extra:
-        raise ValueError(f"{len(missing)} of the model's keys are missing ({', '.join(missing[:3])}) and "
-                         f"{len(extra)} are not the model's ({', '.join(extra[:3])})")
-    return []
+    if extra:
+        raise ValueError(f"{len(extra)} keys are not the model's ({', '.join(extra[:3])})")
+    return missing
 
 
 def initial_weights(spec, model_config):
     """
     --init-from: the EMA weights of a checkpoint (a path or a released name, checkpoints.load_checkpoint)
     that a new run starts from, checked against the model on the meta device before any run folder is made.
+    A label table of another class count (ImageNet's 1,000 for UCF-101's 101) is left out: the model keeps
+    its own, initialised.
     :return: (the state_dict, the model's keys it leaves at their initialisation).
     :raises TrainError: the file cannot be had or read, or its weights do not fit the model.
     """
+    table = "y_embedder.embedding_table.weight"
     try:
-        source = load_checkpoint(spec)
+        weights = dict(load_checkpoint(spec).state_dict)
         with torch.device("meta"), warnings.catch_warnings():  # loading into meta tensors checks, copies nothing
             warnings.simplefilter("ignore", UserWarning)        # (torch warns that it is a no-op)
-            left = fill(build_model(model_config), source.state_dict)
+            model = build_model(model_config)
+            ours = model.state_dict().get(table)
+            if table in weights and ours is not None and weights[table].shape != ours.shape:
+                del weights[table]
+            left = fill(model, weights)
     except (CheckpointError, DownloadError) as e:
         raise TrainError(f"--init-from {spec}: {e}") from e
     except (ValueError, RuntimeError) as e:
         raise TrainError(f"--init-from {spec}: its weights do not fit {model_config['model']} on this store: "
                          f"{str(e).strip().splitlines()[-1].strip()}") from e
-    return source.state_dict, left
+    return weights, left
 
 
 def make_training(accelerator, model_config, lr, warmup_steps=0, grad_checkpointing=False, compile=False,

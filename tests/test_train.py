@@ -541,13 +541,16 @@ def test_a_video_store_trains_a_video_model_and_resumes_exactly(video_store, tmp
 
 def test_init_from_an_image_checkpoint_fills_the_video_models_spatial_part(video_store, tmp_path):
     """--init-from an image DiT's weights: a video run starts with them in its spatial blocks (the log says how
-    many keys kept their initialisation), and with lr 0 its checkpoint still holds them exactly."""
-    image = randomize(models.DiT_models["DiT-Digits/4"](input_size=4, in_channels=4, num_classes=2)).state_dict()
+    many keys kept their initialisation), and with lr 0 its checkpoint still holds them exactly. A label table of
+    another class count (3 here, the store has 2) is left out: the run makes its own."""
+    image = randomize(models.DiT_models["DiT-Digits/4"](input_size=4, in_channels=4, num_classes=3)).state_dict()
     torch.save(image, tmp_path / "image.pt")
     exp = run(video_store, tmp_path / "runs", "--model", VIDEO_MODEL, "--mixed-precision", "no", "--max-steps", "1",
               "--lr", "0", "--init-from", str(tmp_path / "image.pt"))
     ckpt = load(os.path.join(exp, "checkpoints", "0000001.pt"))
+    table = image.pop("y_embedder.embedding_table.weight")
     assert all(torch.equal(ckpt["model"][k], v) for k, v in image.items())
+    assert ckpt["model"]["y_embedder.embedding_table.weight"].shape == (3, 192) != table.shape
     assert (ckpt["model"]["temporal_blocks.0.adaLN_modulation.1.weight"] == 0).all()
     assert f"weights from {tmp_path / 'image.pt'}; {len(ckpt['model']) - len(image)} keys keep their " \
            f"initialisation (temporal_pos_embed, " in log_text(exp)
@@ -565,10 +568,10 @@ def test_video_refusals(video_store, latent_store, tmp_path):
     with pytest.raises(train.TrainError, match="^--repa-encoder: .*video8 is a video store, and REPA is for image "
                                                "stores only"):
         run(video_store, tmp_path, *FLOW_REPA, "--model", VIDEO_MODEL, "--max-steps", "1")
-    three_classes = tmp_path.parent / "three_classes.pt"
-    torch.save(models.DiT_models["DiT-Digits/4"](input_size=4, in_channels=4, num_classes=3).state_dict(), three_classes)
-    with pytest.raises(train.TrainError, match=r"^--init-from .*three_classes.pt: its weights do not fit VDiT-Digits/4 "
-                                               r"on this store: y_embedder.embedding_table.weight: the image checkpoint has "
-                                               r"shape \[4, 192\], the video model \[3, 192\]"):
-        run(video_store, tmp_path, "--model", VIDEO_MODEL, "--max-steps", "1", "--init-from", str(three_classes))
+    larger = tmp_path.parent / "larger.pt"
+    torch.save(models.DiT_models["DiT-Digits/4"](input_size=8, in_channels=4, num_classes=2).state_dict(), larger)
+    with pytest.raises(train.TrainError, match=r"^--init-from .*larger.pt: its weights do not fit VDiT-Digits/4 on this "
+                                               r"store: pos_embed: the image checkpoint has shape \[1, 4, 192\], the "
+                                               r"video model \[1, 1, 192\]"):
+        run(video_store, tmp_path, "--model", VIDEO_MODEL, "--max-steps", "1", "--init-from", str(larger))
     assert not os.listdir(tmp_path)  # refused before a run folder is made
