@@ -146,10 +146,15 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
+        self.ulysses = None  # sequence parallel: a DistributedAttention, set by DiT.set_sequence_parallel
 
     def forward(self, x):
         N, T, D = x.shape
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads)  # (N, T, 3, H, D/H)
+        if self.ulysses is not None:  # T is this process's share of each sequence
+            q, k, v = qkv.unbind(2)                                              # 3 x (N, T, H, D/H)
+            x = self.ulysses(q, k, v, batch_dim_idx=0)                           # (N, T, H, D/H) over all tokens
+            return self.proj(x.reshape(N, T, D))                                 # (N, T, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                           # 3 x (N, H, T, D/H)
         x = F.scaled_dot_product_attention(q, k, v)                              # (N, H, T, D/H)
         x = x.transpose(1, 2).reshape(N, T, D)                                   # (N, T, D)
@@ -257,6 +262,7 @@ class DiT(nn.Module):
 
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.sequence = None  # a sequence.SequenceParallel: see set_sequence_parallel
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -314,10 +320,27 @@ class DiT(nn.Module):
         """
         x = self.x_embedder(x) + self.pos_embed              # (N, T, D), T = H*W / p^2
         c = self.condition(t, y, force_drop_ids)             # (N, D)
+        if self.sequence is not None:
+            x = self.sequence.split(x)                       # (N, T/P, D) this process's tokens of P
         for block in self.blocks:
-            x = self.run_block(block, x, c)                  # (N, T, D)
-        x = self.final_layer(x, c)                           # (N, T, p*p*out_channels)
+            x = self.run_block(block, x, c)                  # (N, T, D), or (N, T/P, D)
+        x = self.final_layer(x, c)                           # (N, T, p*p*out_channels), or (N, T/P, ...)
+        if self.sequence is not None:
+            x = self.sequence.gather(x)                      # (N, T, p*p*out_channels) from the P processes
         return self.unpatchify(x)                            # (N, out_channels, H, W)
+
+    def set_sequence_parallel(self, sequence):
+        """
+        Split each sample's tokens (each frame's, in a VDiT) over the processes of `sequence`, a
+        sequence.SequenceParallel (see sequence.py): forward then takes and returns whole samples, as the same
+        inputs on every process of the group, and each process keeps only its share of the activations. The
+        attention of `blocks` goes through the group's Ulysses attention; a VDiT's temporal attention stays local.
+        Weights and state_dict keys are unchanged (DistributedAttention holds no parameter).
+        """
+        assert self.num_heads % sequence.degree == 0 and self.pos_embed.shape[1] % sequence.degree == 0  # sequence.check
+        self.sequence = sequence
+        for block in self.blocks:
+            block.attn.ulysses = sequence.attention()
 
     def condition(self, t, y, force_drop_ids):
         """:return: [N x D] the condition c of adaLN: the timestep embedding plus the label's (see forward)."""
@@ -426,7 +449,9 @@ class VDiT(DiT):
             raise ValueError(f"this VDiT takes clips of {self.num_frames} frames, not {Fr}")
         x = x.transpose(1, 2).reshape(N * Fr, C, H, W)             # (N*F, C, H, W) frames as images
         x = self.x_embedder(x) + self.pos_embed                     # (N*F, S, D), S = H*W / p^2
-        S, D = x.shape[1:]
+        if self.sequence is not None:
+            x = self.sequence.split(x)                              # (N*F, S/P, D): this process's positions
+        S, D = x.shape[1:]                                          # S/P from here on under sequence parallel
         c = self.condition(t, y, force_drop_ids)                    # (N, D)
         for block, temporal in zip(self.blocks, self.temporal_blocks):
             x = self.run_block(block, x, c)                         # (N*F, S, D) attention within each frame
@@ -434,7 +459,10 @@ class VDiT(DiT):
             x = self.run_block(temporal, x, c, self.temporal_pos_embed)     # (N*S, F, D) attention over frames
             x = x.reshape(N, S, Fr, D).transpose(1, 2).reshape(N * Fr, S, D)  # (N*F, S, D)
         x = self.final_layer(x.reshape(N, Fr * S, D), c)            # (N, F*S, p*p*out_channels)
-        x = self.unpatchify(x.reshape(N * Fr, S, -1))               # (N*F, out_channels, H, W)
+        x = x.reshape(N * Fr, S, -1)                                # (N*F, S, p*p*out_channels)
+        if self.sequence is not None:
+            x = self.sequence.gather(x)                             # (N*F, S*P, p*p*out_channels): every position
+        x = self.unpatchify(x)                                      # (N*F, out_channels, H, W)
         return x.reshape(N, Fr, -1, H, W).transpose(1, 2).contiguous()  # (N, out_channels, F, H, W)
 
 

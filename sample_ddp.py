@@ -7,6 +7,7 @@ Sample many images in parallel for FID/IS/precision/recall with ADM's evaluation
     python sample_ddp.py --ckpt results/000-DiT-S-2/checkpoints/0100000.pt --num-fid-samples 1000
     torchrun --nproc_per_node=8 sample_ddp.py --ckpt SiT-XL-2-256x256.pt          # SiT's FID setting: 250 SDE steps
     torchrun --nproc_per_node=2 sample_ddp.py --ckpt results/000-VDiT-S-2/checkpoints/0100000.pt --num-fid-samples 2048
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt results/000-VDiT-XL-2/checkpoints/0100000.pt --sequence-parallel 4
 
 Defaults are DiT's FID settings (released DiT-XL/2 256x256, ema autoencoder, cfg 1.5, 250 DDPM steps); a
 flow checkpoint (train.py --objective flow, SiT's) samples with its own default, 250 SDE steps. Each image
@@ -16,7 +17,9 @@ noise and class label drawn from (--global-seed, i), so the images depend neithe
 processes nor on the batch size. A killed run, rerun with the same command, keeps the finished PNGs
 and samples the rest. NCCL on GPUs, gloo on CPUs. A video checkpoint samples clips the same way: each
 video i is kept as NNNNNN.png, its F frames stacked top to bottom (written atomically like an image), and
-the .npz's `arr_0` is N x F x H x W x 3 uint8.
+the .npz's `arr_0` is N x F x H x W x 3 uint8. With --sequence-parallel N, each group of N consecutive
+processes samples one batch together, every image's tokens split over the group (sequence.py); the group's first
+process writes the images, the same images as one process makes.
 """
 import argparse
 import json
@@ -32,6 +35,7 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
+import sequence
 from checkpoints import weights_digest
 from files import atomic_write, run_script, sweep_temp_files
 from sampling import (ImageNoise, Sampler, SamplingError, add_sampling_args, check_sampling_args, load_model,
@@ -88,6 +92,12 @@ def main(args):
     loaded = load_model(args, device, default_vae="ema", first=state.main_process_first)
     spec = loaded.spec
     video = spec.num_frames is not None
+    n = args.sequence_parallel
+    if n > 1:
+        sequence.check(n, world, loaded.model, spec.model)
+        loaded.model.set_sequence_parallel(sequence.SequenceParallel(n))
+    replica, replicas = rank // n, world // n  # the groups of n processes share the images
+    writer = rank % n == 0  # a group's first process writes its images
 
     # The run folder is keyed on the settings and on the weights' content, not on the file's path: a
     # checkpoint replaced under the same name must not add its images to another's.
@@ -123,11 +133,11 @@ def main(args):
 
     missing = [i for i in range(args.num_fid_samples) if not os.path.exists(png(i))]
     state.wait_for_everyone()  # everyone has listed the folder before anyone adds to it
-    mine = missing[rank::world]
-    iterations = math.ceil(math.ceil(len(missing) / world) / args.per_proc_batch_size)
+    mine = missing[replica::replicas]
+    iterations = math.ceil(math.ceil(len(missing) / replicas) / args.per_proc_batch_size)
     if state.is_main_process:
         print(f"{args.num_fid_samples - len(missing)} of {args.num_fid_samples} images already in {folder}; "
-              f"sampling {len(missing)} on {world} process(es)")
+              f"sampling {len(missing)} on {world} process(es)" + (f" in {replicas} groups of {n}" if n > 1 else ""))
     start = time.time()
     # Closed on an error too, so that the error starts a line of its own.
     with tqdm(total=len(missing), unit="img", disable=not state.is_main_process) as bar:
@@ -138,12 +148,13 @@ def main(args):
                 noise = ImageNoise(args.global_seed, batch, loaded.latent_shape, device)
                 samples = sample_latents(loaded.model, noise, y, loaded.sampler, loaded.steps, args.cfg_scale,
                                          args.guidance, args.guidance_interval, spacing=args.solver_spacing)
+            if batch and writer:
                 for i, image in zip(batch, to_uint8(decode(loaded.vae, samples, loaded.scaling_factor))):
                     if video:
                         image = image.reshape(-1, *image.shape[2:])  # (F, H, W, 3) -> (F * H, W, 3): a strip
                     with atomic_write(png(i)) as f:  # a PNG under its final name is always complete
                         Image.fromarray(image).save(f, format="PNG")
-            done = torch.tensor(len(batch), device=device)
+            done = torch.tensor(len(batch) if writer else 0, device=device)
             if world > 1:
                 dist.all_reduce(done)
             bar.update(int(done))
@@ -169,10 +180,13 @@ def parse_args(argv=None):
     parser.add_argument("--per-proc-batch-size", type=int, default=32)
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
     parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--sequence-parallel", type=int, default=1,
+                        help="split each image's tokens (a frame's, for video) over this many consecutive processes "
+                             "(DeepSpeed-Ulysses attention; needs pip install deepspeed)")
     args = parser.parse_args(argv)
     check_sampling_args(parser, args)
-    if args.global_seed < 0 or args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
-        parser.error("--global-seed must be >= 0, --per-proc-batch-size and --num-fid-samples >= 1")
+    if args.global_seed < 0 or args.per_proc_batch_size < 1 or args.num_fid_samples < 1 or args.sequence_parallel < 1:
+        parser.error("--global-seed must be >= 0, --per-proc-batch-size, --num-fid-samples and --sequence-parallel >= 1")
     if os.path.exists(args.sample_dir) and not os.path.isdir(args.sample_dir):
         parser.error(f"--sample-dir {args.sample_dir} is a file, not a folder")
     return parser, args

@@ -14,6 +14,7 @@ Train a DiT on a latent store written by extract_features.py.
         --repa-encoder vit_base_patch14_dinov2.lvd142m --repa-depth 8 --repa-coeff 0.5
     python train.py --model VDiT-S/2 --features-path features/ucf101-16f --objective flow   # a video store
     python train.py --model VDiT-XL/2 --features-path features/ucf101-16f --init-from DiT-XL-2-256x256.pt
+    torchrun --nproc_per_node=8 train.py --model VDiT-XL/2 --features-path features/ucf101-64f --sequence-parallel 4
 
 The model is built to fit the store (latent channels and size, class count); defaults are the paper's
 (AdamW at a constant 1e-4 without weight decay, global batch 256, EMA 0.9999, label dropout 0.1,
@@ -52,6 +53,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import runs
+import sequence
 from checkpoints import (MODELS, CheckpointError, check_compatible, load_checkpoint, require_finite, rng_state,
                          save_checkpoint, set_rng_state, training_checkpoint)
 from diffusion import Objective, TimeSampling, create_objective
@@ -89,6 +91,7 @@ class Training:
     ema: list  # float32 copies of params, sharded like them
     projector: torch.nn.Module = None  # REPA's projector as accelerate prepared it; None without REPA
     hidden: dict = None  # "tokens": the aligned block's output in the current forward pass (REPA)
+    sequence_parallel: int = 1  # processes sharing each sample's tokens (sequence.py)
 
     @property
     def modules(self):
@@ -143,19 +146,22 @@ def initial_weights(spec, model_config):
 
 
 def make_training(accelerator, model_config, lr, warmup_steps=0, grad_checkpointing=False, compile=False,
-                  state_dict=None, alignment=None, projector_state=None):
+                  state_dict=None, alignment=None, projector_state=None, sequence_group=None):
     """
     Build the model (with `state_dict`'s weights when given: all of them, or an image model's in a video
     model, see fill), REPA's projector when `alignment` is given
     (with `projector_state`'s weights when given), DiT's AdamW over both (no weight decay; the fused kernel
     on CUDA where it applies, not on FSDP's DTensors), the linear-warmup schedule and the EMA of the DiT,
-    and let accelerate wrap them.
+    and let accelerate wrap them. With `sequence_group` (a sequence.SequenceParallel) the model splits each
+    sample's tokens over its processes.
     """
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     model = build_model(model_config, grad_checkpointing)
     assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}  # the EMA holds parameters only
     if state_dict is not None:
         fill(model, state_dict)
+    if sequence_group is not None:
+        model.set_sequence_parallel(sequence_group)
     hidden = projector = None
     if alignment is not None:
         # The aligned block's output, caught by a hook: the DiT's forward and its keys stay as they are.
@@ -179,12 +185,14 @@ def make_training(accelerator, model_config, lr, warmup_steps=0, grad_checkpoint
     ema = [p.detach().clone().float() for p in params]
     warmup = max(warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    return Training(model, raw, opt, scheduler, list(names), list(params), ema, projector, hidden)
+    return Training(model, raw, opt, scheduler, list(names), list(params), ema, projector, hidden,
+                    sequence_group.degree if sequence_group is not None else 1)
 
 
 def restore(training, ckpt, accelerator, lr, seed, notes):
     """Load a checkpoint's optimizer, EMA, schedule and RNG states (the weights went in at make_training);
-    the learning rate from now on is `lr`."""
+    the learning rate from now on is `lr`. The RNG states are reseeded from `seed` (this process's, the same
+    on every process of a sequence group) when the process count or --sequence-parallel changed."""
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -206,9 +214,12 @@ def restore(training, ckpt, accelerator, lr, seed, notes):
     scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
     for group, factor in zip(training.opt.param_groups, scheduler.lr_lambdas):
         group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
-    if len(ckpt["rng_states"]) != world:
-        notes.append(f"the checkpoint was written by {len(ckpt['rng_states'])} processes, this run has {world}: "
-                     f"RNG states are reseeded, so the run is not bit-exact with an uninterrupted one")
+    # A sequence group's processes hold equal RNG states; restored onto another grouping they would not be.
+    written = (len(ckpt["rng_states"]), ckpt["train_config"].get("sequence_parallel", 1))
+    if written != (world, training.sequence_parallel):
+        notes.append(f"the checkpoint was written by {written[0]} processes with --sequence-parallel {written[1]}, "
+                     f"this run has {world} with {training.sequence_parallel}: RNG states are reseeded, so the run is "
+                     f"not bit-exact with an uninterrupted one")
         torch.manual_seed(seed + 7919 * ckpt["step"])
         return
     try:
@@ -289,7 +300,9 @@ def train_step(accelerator, training, objective, x, y, max_norm, decay, micro_ba
     # The step's one host sync, its global figures: a non-finite step must not reach the weights, and every
     # process decides on the same reduced figures. Under fp16 the grad scaler skips overflowing steps
     # itself (an inf norm is how it finds its scale), so only the loss counts there.
-    local = torch.cat([grad_norm.double()[None] / accelerator.num_processes, per_quartile.flatten()])
+    # A sequence group's processes hold the same samples: each adds its share, so a sample counts once.
+    local = torch.cat([grad_norm.double()[None] / accelerator.num_processes,
+                       per_quartile.flatten() / training.sequence_parallel])
     grad_norm, *sums = reduce(local, "sum").tolist()
     taken = math.isfinite(sum(sums[:4]) + sum(sums[8:])) and (accelerator.scaler is not None
                                                               or math.isfinite(grad_norm))
@@ -336,10 +349,32 @@ def make_accelerator(args):
         raise TrainError(f"mixed precision {precision} (from {source}): {e}") from e
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise TrainError("FSDP needs fsdp_version: 2 in the accelerate config (see configs/fsdp.yaml)")
-    if args.global_batch_size % (accelerator.num_processes * args.gradient_accumulation_steps):
-        raise TrainError(f"--global-batch-size {args.global_batch_size} is not divisible by the "
-                         f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} micro-batches")
     return accelerator, precision, source
+
+
+def parallel_layout(args, world, model_config, alignment):
+    """
+    How the `world` processes share the work: --sequence-parallel N processes per sample (sequence.py), the
+    rest data parallel; checked against the model, REPA and the batch.
+    :return: the data-parallel degree world / N.
+    :raises TrainError, sequence.SequenceParallelError: what does not fit, before any run folder is made.
+    """
+    n = args.sequence_parallel
+    if n > 1:
+        if alignment is not None:
+            raise TrainError(f"--sequence-parallel {n} with --repa-encoder: REPA aligns one block's tokens, which "
+                             f"sequence parallelism splits over the processes; train REPA without it")
+        if args.compile:  # measured with torch 2.14.1 and deepspeed 0.19.8: AOTAutograd fails on its all-to-all
+            raise TrainError(f"--sequence-parallel {n} with --compile: torch.compile fails on DeepSpeed's "
+                             f"all-to-all; drop --compile")
+        with torch.device("meta"):
+            sequence.check(n, world, build_model(model_config), args.model)
+    replicas = world // n
+    if args.global_batch_size % (replicas * args.gradient_accumulation_steps):
+        processes = f"{world} processes" if n == 1 else f"{replicas} data-parallel groups of {n} processes"
+        raise TrainError(f"--global-batch-size {args.global_batch_size} is not divisible by the {processes} x "
+                         f"{args.gradient_accumulation_steps} micro-batches")
+    return replicas
 
 
 def open_store(args):
@@ -429,6 +464,9 @@ def main(args):
     dataset, model_config, alignment = open_store(args)
     if alignment is not None and accelerator.distributed_type == DistributedType.FSDP:
         raise TrainError("--repa-encoder is not supported under FSDP yet: train with DDP (accelerate's default)")
+    replicas = parallel_layout(args, world, model_config, alignment)
+    replica = rank // args.sequence_parallel  # this process's data-parallel rank
+    sequence_group = sequence.SequenceParallel(args.sequence_parallel) if args.sequence_parallel > 1 else None
     objective = create_objective(args.objective, args.time_sampling)
     meta = dataset.meta
     steps_per_epoch = len(dataset) // args.global_batch_size
@@ -448,20 +486,22 @@ def main(args):
                      f"weights from {args.init_from}" + (f"; {len(left)} keys keep their initialisation "
                                                          f"({', '.join(left[:2])}, ...)" if left else ""))
     with run.log as log:
-        seed = args.global_seed * world + rank  # each process its own seed, as DiT; a resumed run restores its own
+        # Each replica its own seed, as DiT's each process (the same for the processes of a sequence group, so
+        # they draw the same timesteps, noise and label dropout); a resumed run restores its own.
+        seed = args.global_seed * replicas + replica
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
         training = make_training(accelerator, model_config, args.lr, args.warmup_steps, args.grad_checkpointing,
                                  args.compile, state_dict=ckpt["model"] if ckpt else init, alignment=alignment,
-                                 projector_state=ckpt.get("projector") if ckpt else None)
+                                 projector_state=ckpt.get("projector") if ckpt else None, sequence_group=sequence_group)
         if ckpt is not None:
             restore(training, ckpt, accelerator, args.lr, seed, notes)
         training.model.train()
         flops_per_image = 3 * forward_flops_per_image(training.raw)
         item = "clip" if "num_frames" in model_config else "image"
 
-        sampler = runs.EpochBatches(len(dataset), args.global_batch_size, rank, world, args.global_seed)
+        sampler = runs.EpochBatches(len(dataset), args.global_batch_size, replica, replicas, args.global_seed)
         # Its own generator, so creating an iterator never draws from the global RNG (exact resume).
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.global_seed))
@@ -474,9 +514,11 @@ def main(args):
                  f"{flops_per_image / 1e9:.2f} training GFLOPs per {item}, input "
                  f"{'x'.join(map(str, meta['latent_shape']))}, {meta['num_classes']} classes")
         log.info(f"{len(dataset)} {item}s from {args.features_path}; {world} process(es) "
-                 f"({accelerator.distributed_type.value}) on {device.type}, {args.global_batch_size // world} {item}s "
-                 f"per process per step in {args.gradient_accumulation_steps} micro-batch(es), {steps_per_epoch} "
-                 f"steps per epoch, {max_steps} steps; mixed precision {precision} (from {precision_source})")
+                 f"({accelerator.distributed_type.value}) on {device.type}, {args.global_batch_size // replicas} "
+                 f"{item}s per process per step in {args.gradient_accumulation_steps} micro-batch(es), "
+                 f"{steps_per_epoch} steps per epoch, {max_steps} steps; mixed precision {precision} (from "
+                 f"{precision_source})")
+        log.info(tokens_line(training.raw, replicas, args.sequence_parallel, item))
         log.info(f"objective {args.objective}" + (f", t drawn {args.time_sampling}" if args.objective == "flow" else "")
                  + (f"; REPA: block {alignment.depth} aligned with {args.repa_encoder}'s {meta['repa']['dim']}-wide "
                     f"tokens (averaged {alignment.pool}x{alignment.pool}), coefficient {alignment.coeff}"
@@ -531,6 +573,14 @@ def main(args):
         log.info("done")
         accelerator.end_training()
     return run_dir
+
+
+def tokens_line(model, replicas, n, item):
+    """The start-up log's line on the parallel layout: both degrees and the tokens each process holds."""
+    tokens, frames = model.pos_embed.shape[1], getattr(model, "num_frames", None)  # tokens per image or frame
+    total = tokens * (frames or 1)
+    return (f"data parallel {replicas} x sequence parallel {n}: {total // n} of each {item}'s {total} tokens per "
+            f"process" + (f" ({tokens // n} of each frame's {tokens}, in all {frames} frames)" if frames else ""))
 
 
 def check_replicas(training, accelerator, log):
@@ -615,6 +665,9 @@ def parse_args(argv=None):
     parser.add_argument("--mixed-precision", type=str, choices=["bf16", "fp16", "no"], default=None,
                         help="default: what accelerate launch or accelerate config sets, else bf16")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward pass")
+    parser.add_argument("--sequence-parallel", type=int, default=1,
+                        help="split each sample's tokens (a frame's, for video) over this many consecutive processes "
+                             "(DeepSpeed-Ulysses attention; needs pip install deepspeed); the rest is data parallel")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--log-every", type=int, default=100)
@@ -636,7 +689,7 @@ def parse_args(argv=None):
         parser.error(image_flags_error(argv))
     args = parser.parse_args(argv)
     for name in ("epochs", "max_steps", "global_batch_size", "gradient_accumulation_steps", "log_every", "ckpt_every",
-                 "ckpt_keep_last"):
+                 "ckpt_keep_last", "sequence_parallel"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if not 0.0 <= args.ema_decay < 1.0 or not 0.0 <= args.class_dropout_prob < 1.0:
