@@ -14,14 +14,20 @@ all-to-alls give each process every token for N-th of the heads and return the r
 (Jacobs et al. 2023, "DeepSpeed Ulysses"). The final layer's output is gathered back, so the loss and the
 samplers see the whole [N x C x H x W] (or [N x C x F x H x W]) output, on every process of the group.
 
+A video model splits the tokens of each frame and keeps the temporal attention local, as Open-Sora 1.2 keeps
+one axis local. Splitting the frames instead would move the same all-to-all volume (the same q, k, v and output,
+only of the other attention) and leave each process the same N-th of every activation (by that count; only
+this split is measured), but F is often small (16 frames) while a frame's tokens grow with the resolution
+(256 at 256 px, patch 2), so more degrees divide them, and images and videos split alike.
+bench/sequence_parallel.py measures the memory: N = 2 keeps 0.53x of the activations for one 64-frame clip.
+
 Gradients: every process of a group computes the same loss from the gathered output, and the gather's backward
 sums the group's N equal gradients of its share; data parallelism's mean over all W processes then divides
 by W = N x replicas, which leaves the mean over the replicas: one process's gradient for the global batch.
+(The same holds for FSDP, whose gradient reduction is also a mean over all W processes.)
 
 DeepSpeed is needed only here, and only for N > 1: `pip install deepspeed`.
 """
-import warnings
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -99,10 +105,6 @@ class SequenceParallel:
         self.group = groups[rank // degree]
         self.degree, self.rank = degree, rank % degree
         self.distributed_attention = DistributedAttention
-        # The autograd all-gather below is deprecated in torch 2.14 for torch.distributed._functional_collectives'
-        # all_gather_single, which the torch versions requirements.txt allows (2.6) do not all have.
-        warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated",
-                                category=FutureWarning)
 
     def attention(self):
         """A DistributedAttention over this group: q, k, v [B x T/N x H x d] in, [B x T/N x H x d] out, each
@@ -118,10 +120,29 @@ class SequenceParallel:
 
     def gather(self, x):
         """
-        The inverse of split on every process of the group; its backward sums the group's gradients of this
-        process's share (torch.distributed.nn.functional.all_gather's backward).
+        The inverse of split, on every process of the group (differentiable: see GatherTokens).
         :param x: [B x T/N x C] this process's share. :return: [B x T x C].
         """
-        from torch.distributed.nn.functional import all_gather
+        return GatherTokens.apply(x, self.group, self.rank)
 
-        return torch.cat(all_gather(x.contiguous(), group=self.group), dim=1)
+
+class GatherTokens(torch.autograd.Function):
+    """
+    All-gather along the tokens over a sequence group. Its backward is the gather's transpose: the sum over the
+    group's processes of the gradient of this process's share (an all-reduce, then the share). Not torch's
+    torch.distributed.nn.functional.all_gather: on gloo its backward scatters from a group's ranks as if they were
+    global ones, which fails in every group but the first (torch 2.14.1; measured with 4 processes in 2 groups).
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, rank):
+        ctx.group, ctx.rank = group, rank
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=1)                                   # (B, T, C)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)         # (B, T, C), reduced in place
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.chunk(dist.get_world_size(ctx.group), dim=1)[ctx.rank], None, None  # (B, T/N, C)

@@ -26,6 +26,9 @@ them). The checkpoint records the objective, so the sampling scripts pick its sa
 (extract_features.py --num-frames) trains a video size (models.VDiT_models) with the same loop; its
 checkpoint records num_frames in model_config; `--init-from` starts it from an image model's weights
 (its spatial blocks: it starts as that image model on each frame, as Open-Sora and Latte start).
+`--sequence-parallel N` splits each sample's tokens (each frame's, for video) over N consecutive processes with
+DeepSpeed-Ulysses attention (sequence.py), for samples whose activations do not fit one device; the world / N
+groups are data parallel, and the losses, gradients and checkpoints are what one process would have.
 
 Unlike DiT's and fast-DiT's train.py: bf16 autocast unless the flag or accelerate's launcher/config
 says otherwise (float32 master weights, optimizer state and EMA), the logged loss is the true global

@@ -80,16 +80,17 @@ def test_two_processes_sharing_each_clip_train_as_one_process(clip_store, tmp_pa
            "are reseeded" in open(os.path.join(resumed, "log.txt")).read()
 
 
-def test_sample_ddp_two_processes_sharing_each_image_draw_one_process_images(tmp_path):
+def test_sample_ddp_groups_of_two_processes_draw_one_process_images(tmp_path):
     """An image model (DiT.forward's split and gather; the video model's are trained above) with SiT's flow: Heun with
     guidance, so every step runs the batched conditional and null passes. The images are not saturated, so they
-    depend on the attention; 2 processes sharing each image's tokens give exactly one process's .npz."""
+    depend on the attention; 4 processes in 2 groups sharing each image's tokens (the second group's collectives
+    are over ranks 2 and 3) give exactly one process's .npz."""
     flags = ["--ckpt", flow_checkpoint(tmp_path / "flow.pt"), "--num-fid-samples", "5", "--sampler", "heun",
              "--num-sampling-steps", "3", "--cfg-scale", "2.0", "--per-proc-batch-size", "3"]
     sample_ddp.main(sample_ddp.parse_args(flags + ["--sample-dir", str(tmp_path / "one")])[1])
     out = launch(["sample_ddp.py", *flags, "--sample-dir", str(tmp_path / "two"), "--sequence-parallel", "2"],
-                 nproc=2, timeout=200).stdout
-    assert "sampling 5 on 2 process(es) in 1 groups of 2" in out
+                 nproc=4, timeout=200).stdout
+    assert "sampling 5 on 4 process(es) in 2 groups of 2" in out
     (arr, labels), (arr2, labels2) = npz_of(str(tmp_path / "one")), npz_of(str(tmp_path / "two"))
     assert arr.shape == (5, 8, 8, 3) and ((arr > 0) & (arr < 255)).mean() > 0.5
     assert np.array_equal(arr, arr2) and np.array_equal(labels, labels2)
