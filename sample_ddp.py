@@ -177,7 +177,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     add_sampling_args(parser, cfg_scale=1.5, vae="ema")
     parser.add_argument("--sample-dir", default="samples")
-    parser.add_argument("--per-proc-batch-size", type=int, default=32)
+    parser.add_argument("--per-proc-batch-size", type=int, default=32,
+                        help="images a process samples at a time (a group's, with --sequence-parallel)")
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--sequence-parallel", type=int, default=1,
