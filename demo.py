@@ -83,7 +83,7 @@ GRID_SCALE = 6  # each pixel a 6x6 square: the 82x102-pixel grid of 8x8 digits i
 # (full, --quick) defaults of the flags left unset: the image demo's, and --video's.
 IMAGE_DEFAULTS = dict(lr=(6e-3, 6e-3), steps=(600, 4), batch_size=(128, 128), warmup_steps=(100, 100),
                       ddpm_steps=(250, 10), solver_steps=(20, 5), num_score_samples=(200, 20))
-VIDEO_DEFAULTS = dict(lr=(1e-3, 1e-3), steps=(300, 4), batch_size=(16, 8), baseline_steps=(400, 4),
+VIDEO_DEFAULTS = dict(lr=(1e-3, 1e-3), steps=(400, 4), batch_size=(16, 8), baseline_steps=(800, 4),
                       baseline_batch_size=(64, 16), warmup_steps=(50, 50), clips=(1797, 64), ddpm_steps=(250, 10),
                       solver_steps=(20, 5), num_score_samples=(60, 4), grid_rows=(2, 1))
 
