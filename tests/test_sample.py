@@ -226,11 +226,18 @@ def pngs(folder):
     return [f for f in os.listdir(folder) if f.endswith(".png")] if os.path.isdir(folder) else []
 
 
-def test_sample_ddp_one_vs_two_processes_and_resume(plain_ckpt, tmp_path):
-    one = str(tmp_path / "one")
-    sample_ddp_main(DDP + ["--ckpt", plain_ckpt, "--sample-dir", one, "--per-proc-batch-size", "3"])
+def test_sample_ddp_one_vs_many_processes_and_resume(tmp_path):
+    """One process samples 7 images; a killed run's files are then finished by 4 processes in 2 sequence-parallel
+    groups of 2 (each image's 4 tokens split over a group: sequence.py, DeepSpeed's Ulysses attention; the second
+    group's collectives over ranks 2 and 3) with another batch size: the .npz is the one process's, byte for byte.
+    A flow model with Heun and guidance (every step runs the batched conditional and null passes), whose images,
+    unlike the DDPM model's here, are not saturated."""
+    one, ckpt = str(tmp_path / "one"), flow_checkpoint(tmp_path / "flow.pt")
+    flags = ["--num-fid-samples", "7", "--sampler", "heun", "--num-sampling-steps", "3", "--cfg-scale", "2.0"]
+    sample_ddp_main(flags + ["--ckpt", ckpt, "--sample-dir", one, "--per-proc-batch-size", "3"])
     arr, labels = npz_of(one)
     assert arr.shape == (7, 8, 8, 3) and arr.dtype == np.uint8 and arr.std() > 10
+    assert ((arr > 0) & (arr < 255)).mean() > 0.5  # not saturated: the pixels depend on the attention
     assert np.array_equal(labels, sampling.random_labels(0, range(7), 10).numpy())
 
     # A killed run seen from its files (what atomic writes leave): two images missing, one cut mid-write, no .npz.
@@ -241,11 +248,12 @@ def test_sample_ddp_one_vs_two_processes_and_resume(plain_ckpt, tmp_path):
     with open(os.path.join(folder, "000005.png.tmp"), "wb") as f:
         f.write(b"\x89PNG half")
     kept = {i: os.stat(os.path.join(folder, f"{i:06d}.png")).st_mtime_ns for i in (0, 1, 3, 4, 6)}
-    # Finished by two processes with another batch size: they keep what was finished, and the .npz is the one
-    # process's, image for image.
-    p = run(["sample_ddp.py"] + DDP + ["--ckpt", plain_ckpt, "--sample-dir", one, "--per-proc-batch-size", "2"],
-            nproc=2)
-    assert "5 of 7 images already" in p.stdout and "images/s" in p.stdout
+    # Finished by two groups of two processes with another batch size: they keep what was finished, and the .npz is
+    # the one process's, image for image.
+    p = run(["sample_ddp.py", *flags, "--ckpt", ckpt, "--sample-dir", one, "--per-proc-batch-size", "2",
+             "--sequence-parallel", "2"], nproc=4)
+    assert "5 of 7 images already" in p.stdout and "on 4 process(es) in 2 groups of 2" in p.stdout
+    assert "images/s" in p.stdout
     assert all(os.stat(os.path.join(folder, f"{i:06d}.png")).st_mtime_ns == m for i, m in kept.items())
     assert not [f for f in os.listdir(folder) if ".tmp" in f]
     arr2, labels2 = npz_of(one)

@@ -1,12 +1,11 @@
 """Sequence parallelism (sequence.py): 2 gloo processes sharing each sample's tokens train a video model as one
-process does (losses, gradient norms, weights) and sample an image model's images as one process does; the
-refusals come before any run folder or sample folder is made. DeepSpeed is a test requirement (.ci/run), so
-these never skip."""
+process does (losses, gradient norms, weights); the refusals come before any run folder or sample folder is made.
+(sample_ddp.py in 2 groups of 2 processes drawing one process's images: tests/test_sample.py.) DeepSpeed is a
+test requirement (.ci/run), so these never skip."""
 import glob
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,7 +18,7 @@ import sample_ddp  # noqa: E402
 import sequence  # noqa: E402
 import train  # noqa: E402
 from conftest import VIDEO_FLAGS, extract_args  # noqa: E402
-from test_sample import flow_checkpoint, npz_of, run as launch  # noqa: E402
+from test_sample import flow_checkpoint, run as launch  # noqa: E402
 
 VIDEO_MODEL = "VDiT-Digits/4"  # 4 heads; on 8x8 frames 4 tokens a frame
 
@@ -78,22 +77,6 @@ def test_two_processes_sharing_each_clip_train_as_one_process(clip_store, tmp_pa
     resumed = train_in_process(*train_flags(clip_store, tmp_path / "resumed", "--max-steps", "4", "--resume", path_b))
     assert "the checkpoint was written by 2 processes with --sequence-parallel 2, this run has 1 with 1: RNG states " \
            "are reseeded" in open(os.path.join(resumed, "log.txt")).read()
-
-
-def test_sample_ddp_groups_of_two_processes_draw_one_process_images(tmp_path):
-    """An image model (DiT.forward's split and gather; the video model's are trained above) with SiT's flow: Heun with
-    guidance, so every step runs the batched conditional and null passes. The images are not saturated, so they
-    depend on the attention; 4 processes in 2 groups sharing each image's tokens (the second group's collectives
-    are over ranks 2 and 3) give exactly one process's .npz."""
-    flags = ["--ckpt", flow_checkpoint(tmp_path / "flow.pt"), "--num-fid-samples", "5", "--sampler", "heun",
-             "--num-sampling-steps", "3", "--cfg-scale", "2.0", "--per-proc-batch-size", "3"]
-    sample_ddp.main(sample_ddp.parse_args(flags + ["--sample-dir", str(tmp_path / "one")])[1])
-    out = launch(["sample_ddp.py", *flags, "--sample-dir", str(tmp_path / "two"), "--sequence-parallel", "2"],
-                 nproc=4, timeout=200).stdout
-    assert "sampling 5 on 4 process(es) in 2 groups of 2" in out
-    (arr, labels), (arr2, labels2) = npz_of(str(tmp_path / "one")), npz_of(str(tmp_path / "two"))
-    assert arr.shape == (5, 8, 8, 3) and ((arr > 0) & (arr < 255)).mean() > 0.5
-    assert np.array_equal(arr, arr2) and np.array_equal(labels, labels2)
 
 
 def test_refusals_come_before_any_work(clip_store, tmp_path, monkeypatch, capsys):
