@@ -85,7 +85,7 @@ IMAGE_DEFAULTS = dict(lr=(6e-3, 6e-3), steps=(600, 4), batch_size=(128, 128), wa
                       ddpm_steps=(250, 10), solver_steps=(20, 5), num_score_samples=(200, 20))
 VIDEO_DEFAULTS = dict(lr=(1e-3, 1e-3), steps=(400, 4), batch_size=(16, 8), baseline_steps=(800, 4),
                       baseline_batch_size=(64, 16), warmup_steps=(50, 50), clips=(1797, 64), ddpm_steps=(250, 10),
-                      solver_steps=(20, 5), num_score_samples=(60, 4), grid_rows=(2, 1))
+                      solver_steps=(20, 5), num_score_samples=(40, 4), grid_rows=(2, 1))
 
 
 class DemoError(UserError, RuntimeError):
