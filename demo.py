@@ -49,8 +49,8 @@ sample.py draws the video model's animated grid (demo_video/video_grid.gif, a co
 baseline's clips for the same labels frame by frame, each frame with its own noise
 (demo_video/baseline_clips.gif shows ten). Both models train SiT's flow with logit-normal time at lr 1e-3
 (at the image demo's 6e-3 VDiT-Digits/4's loss stalls at 1.34, and DiT-Digits/4's jumps from 0.24 to
-1.37 between steps 250 and 300 on these frames at batch 128) and sample with Heun's ODE (20 grid times) and guidance. The scores, for the video
-model, the baseline and real clips:
+1.37 between steps 250 and 300 on these frames at batch 128) and sample with Heun's ODE (20 grid times)
+and guidance. The scores, for the video model, the baseline and real clips:
     frame label accuracy   the share of frames that a classifier fit on real frames (an RBF SVM on the
                            8x8 window around each frame's centre of mass) assigns their clip's label
     identity consistency   the share of frames carrying their clip's majority label
@@ -202,17 +202,27 @@ def score_settings(args):
     return rows
 
 
-def main(args):
-    if args.video:
-        return video_main(args)
-    start = time.time()
-    out = os.path.abspath(args.out)
-    folder, features, results = (os.path.join(out, name) for name in ("digits", "features", "results"))
-    samples, logs = os.path.join(out, "samples"), os.path.join(out, "logs")
+def output_folders(out):
+    """
+    The demo's folders under --out, refusing one that already holds a training run (train.py would start a
+    second run beside it and the demo would score the wrong one).
+    :return: (out as an absolute path, its results/, samples/ and logs/; the last two made).
+    """
+    out = os.path.abspath(out)
+    results, samples, logs = (os.path.join(out, name) for name in ("results", "samples", "logs"))
     if os.path.exists(results) and os.listdir(results):
         raise DemoError(f"{results} already holds a training run: use another --out or remove it")
     os.makedirs(logs, exist_ok=True)
     os.makedirs(samples, exist_ok=True)
+    return out, results, samples, logs
+
+
+def main(args):
+    if args.video:
+        return video_main(args)
+    start = time.time()
+    out, results, samples, logs = output_folders(args.out)
+    folder, features = os.path.join(out, "digits"), os.path.join(out, "features")
     python = sys.executable
     timings = {}
 
@@ -439,13 +449,7 @@ def save_gif(frames, path, scale):
 
 def video_main(args):
     start = time.time()
-    out = os.path.abspath(args.out)
-    results = os.path.join(out, "results")
-    samples, logs = os.path.join(out, "samples"), os.path.join(out, "logs")
-    if os.path.exists(results) and os.listdir(results):
-        raise DemoError(f"{results} already holds a training run: use another --out or remove it")
-    os.makedirs(logs, exist_ok=True)
-    os.makedirs(samples, exist_ok=True)
+    out, results, samples, logs = output_folders(args.out)
     python = sys.executable
     timings = {}
 

@@ -629,18 +629,8 @@ def test_killed_run_resumed_by_two_processes_writes_the_same_store(tmp_path, rep
     stopped in its second shard (shard 0 finished, shard 1 half done): byte for byte video_store."""
     path = str(tmp_path / "store")
     video = str(tmp_path / "video")
-    calls, encode = [], extract_features.Encoder.__call__
-
-    def stop_at_the_third_call(self, x):
-        calls.append(len(x))
-        if len(calls) == 3:
-            raise Stop
-        return encode(self, x)
-    with monkeypatch.context() as m:
-        m.setattr(extract_features.Encoder, "__call__", stop_at_the_third_call)
-        with pytest.raises(Stop):
-            extract_features.main(extract_args(data_path=video_folder[0], features_path=video, vae=tiny_vae_path,
-                                               **VIDEO_FLAGS))
+    stop_at_the_third_batch(extract_args(data_path=video_folder[0], features_path=video, vae=tiny_vae_path,
+                                         **VIDEO_FLAGS), monkeypatch)
     assert json.load(open(os.path.join(video, "shard-00001.json")))["done"] == 2
     repa = ["--repa-encoder", REPA_ENCODER, "--repa-encoder-weights", repa_weights, "--repa-input-size", "32"]
     r = run_extract(path, image_folder[0], tiny_vae_path, prefix=["-c", KILL_BEFORE_SECOND_MARKER], flags=repa)
@@ -666,23 +656,27 @@ def test_killed_run_resumed_by_two_processes_writes_the_same_store(tmp_path, rep
     assert_same_store(video_store, video)
 
 
-def stopped_store(tmp_path, image_folder, monkeypatch):
-    """A pixel store stopped at its second shard's first batch (shard 0 finished, shards 1 and 2 not
-    begun): (its folder, the arguments that continue it)."""
-    store = tmp_path / "store"
-    args = extract_args(data_path=image_folder[0], features_path=str(store), vae="none", image_size=8)
-    calls = []
-    encode = extract_features.Encoder.__call__
+def stop_at_the_third_batch(args, monkeypatch):
+    """Run extract_features.main(args) in this process and stop it (raise Stop) as its third batch is encoded."""
+    calls, encode = [], extract_features.Encoder.__call__
 
-    def stop_at_the_third_batch(self, x):
+    def third_call_stops(self, x):
         calls.append(len(x))
         if len(calls) == 3:
             raise Stop
         return encode(self, x)
     with monkeypatch.context() as m:
-        m.setattr(extract_features.Encoder, "__call__", stop_at_the_third_batch)
+        m.setattr(extract_features.Encoder, "__call__", third_call_stops)
         with pytest.raises(Stop):
             extract_features.main(args)
+
+
+def stopped_store(tmp_path, image_folder, monkeypatch):
+    """A pixel store stopped at its second shard's first batch (shard 0 finished, shards 1 and 2 not
+    begun): (its folder, the arguments that continue it)."""
+    store = tmp_path / "store"
+    args = extract_args(data_path=image_folder[0], features_path=str(store), vae="none", image_size=8)
+    stop_at_the_third_batch(args, monkeypatch)
     return store, args
 
 
