@@ -149,10 +149,10 @@ def initial_weights(spec, model_config):
 
 
 def make_training(accelerator, model_config, lr, warmup_steps=0, grad_checkpointing=False, compile=False,
-                  state_dict=None, alignment=None, projector_state=None, sequence_group=None):
+                  state_dict=None, init=None, alignment=None, projector_state=None, sequence_group=None):
     """
-    Build the model (with `state_dict`'s weights when given: all of them, or an image model's in a video
-    model, see fill), REPA's projector when `alignment` is given
+    Build the model (with `state_dict`'s weights when given, a resumed checkpoint's: every key; else with
+    `init`'s, --init-from's: see fill and initial_weights), REPA's projector when `alignment` is given
     (with `projector_state`'s weights when given), DiT's AdamW over both (no weight decay; the fused kernel
     on CUDA where it applies, not on FSDP's DTensors), the linear-warmup schedule and the EMA of the DiT,
     and let accelerate wrap them. With `sequence_group` (a sequence.SequenceParallel) the model splits each
@@ -162,7 +162,9 @@ def make_training(accelerator, model_config, lr, warmup_steps=0, grad_checkpoint
     model = build_model(model_config, grad_checkpointing)
     assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}  # the EMA holds parameters only
     if state_dict is not None:
-        fill(model, state_dict)
+        model.load_state_dict(state_dict)
+    elif init is not None:
+        fill(model, init)
     if sequence_group is not None:
         model.set_sequence_parallel(sequence_group)
     hidden = projector = None
@@ -496,8 +498,9 @@ def main(args):
         np.random.seed(seed % 2**32)
         random.seed(seed)
         training = make_training(accelerator, model_config, args.lr, args.warmup_steps, args.grad_checkpointing,
-                                 args.compile, state_dict=ckpt["model"] if ckpt else init, alignment=alignment,
-                                 projector_state=ckpt.get("projector") if ckpt else None, sequence_group=sequence_group)
+                                 args.compile, state_dict=ckpt["model"] if ckpt else None, init=init,
+                                 alignment=alignment, projector_state=ckpt.get("projector") if ckpt else None,
+                                 sequence_group=sequence_group)
         if ckpt is not None:
             restore(training, ckpt, accelerator, args.lr, seed, notes)
         training.model.train()
