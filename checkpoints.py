@@ -166,6 +166,8 @@ def read_checkpoint(path):
         why = first_line(e)
         if "Weights only load failed" in why:  # torch's advice (weights_only=False) is not ours to give
             why = "it is corrupt, or pickles objects other than tensors and plain containers"
+        elif isinstance(e, KeyError):  # torch's legacy reader on bytes that are no torch file: a bare number
+            why = "it is corrupt, or not a file torch.save wrote"
         raise CheckpointError(f"cannot read {path} as a checkpoint: {why}") from e
 
 

@@ -189,6 +189,10 @@ def test_wrong_model_and_bad_files_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read .*junk.pt as a checkpoint: it is corrupt") as e:
         checkpoints.load_checkpoint(str(tmp_path / "junk.pt"))
     assert "weights_only" not in str(e.value)  # torch's advice to unpickle unsafely is not passed on
+    (tmp_path / "text.pt").write_bytes(b"junk\n")  # torch's legacy reader raises KeyError('174812789')
+    with pytest.raises(CheckpointError, match=r"cannot read .*text.pt as a checkpoint: it is corrupt, or not a file "
+                                              r"torch.save wrote$"):
+        checkpoints.load_checkpoint(str(tmp_path / "text.pt"))
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"cannot read .*empty.pt as a checkpoint: the file is empty"):
         checkpoints.load_checkpoint(str(tmp_path / "empty.pt"))
